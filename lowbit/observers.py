@@ -1,0 +1,354 @@
+"""Range estimators: they watch tensors and turn what they saw into a scale and zero point.
+
+``Observer.forward(x)`` records statistics and returns ``x`` unchanged;
+``Observer.qparams()`` gives ``(scale, zero_point)`` shaped by the spec's granularity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.primitives import blocks, choose_qparams, fake_quantize, minmax, qparam_shape
+from lowbit.spec import PerChannel, PerTensor, QuantSpec, SpecError
+
+__all__ = [
+    "Observer",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "PercentileObserver",
+    "MSEObserver",
+    "EntropyObserver",
+    "MeanStdObserver",
+    "OBSERVERS",
+    "make_observer",
+]
+
+
+class Observer(nn.Module):
+    """Base class: subclasses implement :meth:`observe` and :meth:`bounds`."""
+
+    def __init__(self, spec: QuantSpec, **kwargs: Any) -> None:
+        super().__init__()
+        if kwargs:
+            raise SpecError(
+                f"{type(self).__name__}: unknown observer_args {sorted(kwargs)}; see its docstring"
+            )
+        self.spec = spec
+        self.shape: tuple[int, ...] | None = None
+        self.batches = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Record statistics of ``x`` and return it unchanged."""
+        if not torch.isfinite(x).all():
+            raise ValueError(
+                f"{type(self).__name__}: the observed tensor of shape {tuple(x.shape)} holds NaN "
+                "or Inf; check the model's weights and the calibration data"
+            )
+        shape = qparam_shape(x.shape, self.spec.gran)
+        if self.shape is not None and shape != self.shape:
+            raise ValueError(
+                f"{type(self).__name__}: qparams shape changed from {self.shape} to {shape}; "
+                "per_channel activations need the same channel count in every batch"
+            )
+        self.shape = shape
+        with torch.no_grad():
+            self.observe(x.detach().float())
+        self.batches += 1
+        return x
+
+    def observe(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (min, max) range to cover, shaped like the qparams."""
+        raise NotImplementedError
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point for what was observed.
+
+        >>> obs = MinMaxObserver(QuantSpec("int8"))
+        >>> _ = obs(torch.tensor([-1.0, 2.0]))
+        >>> round(obs.qparams()[0].item() * 127, 4)
+        2.0
+        """
+        if self.batches == 0:
+            raise RuntimeError(
+                f"{type(self).__name__} has seen no data: run calibration batches through the "
+                "prepared model first (lowbit.calibrate(model, data))"
+            )
+        lo, hi = self.bounds()
+        return choose_qparams(lo, hi, self.spec.qdtype, self.spec.symmetric)
+
+
+class MinMaxObserver(Observer):
+    """Running minimum and maximum over everything seen.
+
+    >>> obs = MinMaxObserver(QuantSpec("uint8", symmetric=False))
+    >>> _ = obs(torch.tensor([0.0, 1.0])); _ = obs(torch.tensor([3.0]))
+    >>> [t.item() for t in obs.bounds()]
+    [0.0, 3.0]
+    """
+
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+
+    def __init__(self, spec: QuantSpec, **kwargs: Any) -> None:
+        super().__init__(spec, **kwargs)
+        self.register_buffer("min_val", torch.tensor(math.inf), persistent=False)
+        self.register_buffer("max_val", torch.tensor(-math.inf), persistent=False)
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = minmax(x, self.spec.gran)
+        self.min_val = torch.minimum(self.min_val, lo)
+        self.max_val = torch.maximum(self.max_val, hi)
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.min_val, self.max_val
+
+
+class MovingAverageMinMaxObserver(MinMaxObserver):
+    """Exponential moving average of per-batch min and max (``averaging_constant``, 0.01).
+
+    >>> obs = MovingAverageMinMaxObserver(QuantSpec("int8"), averaging_constant=0.5)
+    >>> _ = obs(torch.tensor([-1.0, 1.0])); _ = obs(torch.tensor([-3.0, 3.0]))
+    >>> [t.item() for t in obs.bounds()]
+    [-2.0, 2.0]
+    """
+
+    def __init__(self, spec: QuantSpec, averaging_constant: float = 0.01) -> None:
+        super().__init__(spec)
+        if not 0.0 < averaging_constant <= 1.0:
+            raise SpecError(f"averaging_constant={averaging_constant} must be in (0, 1]")
+        self.c = averaging_constant
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = minmax(x, self.spec.gran)
+        if self.batches == 0:
+            self.min_val, self.max_val = lo, hi
+        else:
+            self.min_val = self.min_val + self.c * (lo - self.min_val)
+            self.max_val = self.max_val + self.c * (hi - self.max_val)
+
+
+def _subsample(rows: torch.Tensor, limit: int, generator: torch.Generator) -> torch.Tensor:
+    """Keep at most ``limit`` random columns of a (blocks, n) matrix."""
+    if rows.shape[1] <= limit:
+        return rows
+    idx = torch.randperm(rows.shape[1], generator=generator)[:limit]
+    return rows[:, idx]
+
+
+class _SampleObserver(Observer):
+    """Keeps a bounded random sample of each block's values (``max_samples`` per block)."""
+
+    def __init__(self, spec: QuantSpec, max_samples: int = 1 << 16) -> None:
+        super().__init__(spec)
+        self.max_samples = max_samples
+        self.generator = torch.Generator().manual_seed(0)
+        self.samples: torch.Tensor | None = None
+        self.lo = torch.tensor(math.inf)
+        self.hi = torch.tensor(-math.inf)
+
+    def observe(self, x: torch.Tensor) -> None:
+        rows = blocks(x, self.spec.gran)  # (blocks, n)
+        self.lo = torch.minimum(self.lo, rows.min(dim=1).values)
+        self.hi = torch.maximum(self.hi, rows.max(dim=1).values)
+        rows = _subsample(rows, self.max_samples, self.generator)
+        merged = rows if self.samples is None else torch.cat([self.samples, rows], dim=1)
+        self.samples = _subsample(merged, self.max_samples, self.generator)
+
+    def _shaped(self, t: torch.Tensor) -> torch.Tensor:
+        assert self.shape is not None
+        return t.reshape(self.shape)
+
+
+class PercentileObserver(_SampleObserver):
+    """Clips to the ``percentile`` (99.99 by default) and its mirror (0.01) of values, per block.
+
+    >>> obs = PercentileObserver(QuantSpec("int8"), percentile=75.0)
+    >>> _ = obs(torch.arange(-100.0, 101.0))
+    >>> [t.item() for t in obs.bounds()]
+    [-50.0, 50.0]
+    """
+
+    def __init__(self, spec: QuantSpec, percentile: float = 99.99, max_samples: int = 1 << 16):
+        super().__init__(spec, max_samples)
+        if not 0.0 < percentile <= 100.0:
+            raise SpecError(f"percentile={percentile} must be in (0, 100]")
+        self.percentile = percentile
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.samples is not None
+        q = self.percentile / 100.0
+        hi = torch.quantile(self.samples, q, dim=1)
+        lo = torch.quantile(self.samples, 1.0 - q, dim=1)
+        return self._shaped(lo), self._shaped(hi)
+
+
+class MSEObserver(_SampleObserver):
+    """Searches clipping ratios of the min-max range for the least squared error, per block.
+
+    ``num_candidates`` ratios evenly spaced in [``min_ratio``, 1].
+
+    >>> x = torch.cat([torch.randn(10000), torch.tensor([40.0])])
+    >>> obs = MSEObserver(QuantSpec("int4"))
+    >>> _ = obs(x)
+    >>> obs.bounds()[1].item() < 40.0
+    True
+    """
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        num_candidates: int = 80,
+        min_ratio: float = 0.2,
+        max_samples: int = 1 << 14,
+    ) -> None:
+        super().__init__(spec, max_samples)
+        if num_candidates < 1 or not 0.0 < min_ratio <= 1.0:
+            raise SpecError("MSEObserver: num_candidates >= 1 and min_ratio in (0, 1] required")
+        self.ratios = torch.linspace(min_ratio, 1.0, num_candidates)
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.samples is not None
+        rows = self.samples  # (blocks, n)
+        lo, hi = self.lo.clamp(max=0.0), self.hi.clamp(min=0.0)
+        best_err = torch.full_like(lo, math.inf)
+        best_lo, best_hi = lo.clone(), hi.clone()
+        dtype = self.spec.qdtype
+        for ratio in self.ratios.tolist():
+            scale, zero = choose_qparams(lo * ratio, hi * ratio, dtype, self.spec.symmetric)
+            fq = fake_quantize(rows, scale, zero, dtype, PerChannel(0))
+            err = (fq - rows).pow(2).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo = torch.where(better, lo * ratio, best_lo)
+            best_hi = torch.where(better, hi * ratio, best_hi)
+        return self._shaped(best_lo), self._shaped(best_hi)
+
+
+class EntropyObserver(Observer):
+    """KL-divergence calibration (TensorRT style) on a histogram of |x|; per-tensor only.
+
+    >>> obs = EntropyObserver(QuantSpec("int8"))
+    >>> _ = obs(torch.cat([torch.randn(100000), torch.tensor([60.0])]))
+    >>> obs.bounds()[1].item() < 60.0
+    True
+    """
+
+    def __init__(self, spec: QuantSpec, bins: int = 2048) -> None:
+        super().__init__(spec)
+        if not isinstance(spec.gran, PerTensor):
+            raise SpecError("the entropy observer is per_tensor only: use minmax or mse instead")
+        self.bins = bins
+        self.hist = torch.zeros(bins, dtype=torch.float64)
+        self.amax = 0.0
+        self.has_negative = False
+
+    def observe(self, x: torch.Tensor) -> None:
+        mag = x.abs().flatten()
+        self.has_negative = self.has_negative or bool((x < 0).any())
+        amax = max(float(mag.max()), self.amax, 1e-12)
+        if amax > self.amax and self.hist.sum() > 0:
+            # re-bin the old histogram: move each old bin's count to the new bin of its centre
+            centres = (torch.arange(self.bins, dtype=torch.float64) + 0.5) * self.amax / self.bins
+            idx = torch.clamp((centres / amax * self.bins).long(), max=self.bins - 1)
+            self.hist = torch.zeros_like(self.hist).index_add_(0, idx, self.hist)
+        self.amax = amax
+        self.hist += torch.histc(mag.double(), bins=self.bins, min=0.0, max=amax)
+
+    def _kl(self, i: int, levels: int) -> float:
+        ref = self.hist[:i].clone()
+        ref[-1] += self.hist[i:].sum()
+        chunks = torch.tensor_split(self.hist[:i], levels)
+        expanded = []
+        for chunk in chunks:
+            nonzero = (chunk > 0).double()
+            count = nonzero.sum()
+            fill = chunk.sum() / count if count > 0 else 0.0
+            expanded.append(nonzero * fill)
+        q = torch.cat(expanded)
+        p = ref / ref.sum()
+        q = q / q.sum().clamp(min=1e-12)
+        mask = p > 0
+        q = torch.where(mask & (q == 0), torch.full_like(q, 1e-12), q)
+        return float((p[mask] * torch.log(p[mask] / q[mask])).sum())
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.spec.qdtype
+        levels = 1 << (dtype.bits - 1) if self.has_negative else 1 << dtype.bits
+        step = max(1, (self.bins - levels) // 128)
+        candidates = range(levels, self.bins + 1, step)
+        best = min(candidates, key=lambda i: self._kl(i, levels))
+        threshold = torch.tensor(best * self.amax / self.bins, dtype=torch.float32)
+        lo = -threshold if self.has_negative else torch.tensor(0.0)
+        return lo, threshold
+
+
+class MeanStdObserver(Observer):
+    """Range ``mean ± k·std`` per block (``k`` = 3), never wider than what was seen.
+
+    >>> obs = MeanStdObserver(QuantSpec("int8"), k=1.0)
+    >>> _ = obs(torch.tensor([-1.0, 1.0, -1.0, 1.0]))
+    >>> [round(t.item(), 3) for t in obs.bounds()]
+    [-1.0, 1.0]
+    """
+
+    def __init__(self, spec: QuantSpec, k: float = 3.0) -> None:
+        super().__init__(spec)
+        if k <= 0:
+            raise SpecError(f"k={k} must be positive")
+        self.k = k
+        self.sum = torch.tensor(0.0, dtype=torch.float64)
+        self.sumsq = torch.tensor(0.0, dtype=torch.float64)
+        self.count = 0
+        self.lo = torch.tensor(math.inf)
+        self.hi = torch.tensor(-math.inf)
+
+    def observe(self, x: torch.Tensor) -> None:
+        rows = blocks(x, self.spec.gran).double()  # (blocks, n)
+        self.sum = self.sum + rows.sum(dim=1)
+        self.sumsq = self.sumsq + rows.pow(2).sum(dim=1)
+        self.count += rows.shape[1]
+        self.lo = torch.minimum(self.lo, rows.min(dim=1).values.float())
+        self.hi = torch.maximum(self.hi, rows.max(dim=1).values.float())
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.shape is not None
+        mean = self.sum / self.count
+        std = (self.sumsq / self.count - mean.pow(2)).clamp(min=0.0).sqrt()
+        lo = torch.maximum((mean - self.k * std).float(), self.lo)
+        hi = torch.minimum((mean + self.k * std).float(), self.hi)
+        return lo.reshape(self.shape), hi.reshape(self.shape)
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    "minmax": MinMaxObserver,
+    "moving_average": MovingAverageMinMaxObserver,
+    "percentile": PercentileObserver,
+    "mse": MSEObserver,
+    "entropy": EntropyObserver,
+    "meanstd": MeanStdObserver,
+}
+
+
+def make_observer(spec: QuantSpec) -> Observer:
+    """The observer that ``spec.observer`` names, built with ``spec.observer_args``.
+
+    >>> type(make_observer(QuantSpec("int8", observer="mse"))).__name__
+    'MSEObserver'
+    """
+    try:
+        cls = OBSERVERS[spec.observer]
+    except KeyError:
+        raise SpecError(
+            f"observer {spec.observer!r} is unknown: use one of {list(OBSERVERS)}"
+        ) from None
+    try:
+        return cls(spec, **dict(spec.observer_args))
+    except TypeError as err:
+        raise SpecError(f"observer {spec.observer!r}: bad observer_args ({err})") from None
