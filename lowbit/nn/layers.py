@@ -1,0 +1,96 @@
+"""Quantized Linear and Conv layers, registered against their float classes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.nn.module import QModule, register_qmodule
+
+__all__ = ["QLinear", "QConv1d", "QConv2d"]
+
+
+@register_qmodule(nn.Linear)
+class QLinear(QModule, nn.Linear):
+    """A Linear layer with quantized weight and (optionally) quantized input.
+
+    >>> import torch
+    >>> from lowbit.spec import QuantSpec
+    >>> q = QLinear.from_float(torch.nn.Linear(4, 2), QuantSpec("int8", "per_channel"))
+    >>> q(torch.randn(3, 4)).shape
+    torch.Size([3, 2])
+    """
+
+    @classmethod
+    def _float_args(cls, module: nn.Module) -> dict[str, Any]:
+        assert isinstance(module, nn.Linear)
+        return {
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            "bias": module.bias is not None,
+        }
+
+    def _forward_with(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+
+def _conv_args(module: nn.Module) -> dict[str, Any]:
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    return {
+        "in_channels": module.in_channels,
+        "out_channels": module.out_channels,
+        "kernel_size": module.kernel_size,
+        "stride": module.stride,
+        "padding": module.padding,
+        "dilation": module.dilation,
+        "groups": module.groups,
+        "bias": module.bias is not None,
+        "padding_mode": module.padding_mode,
+    }
+
+
+@register_qmodule(nn.Conv2d)
+class QConv2d(QModule, nn.Conv2d):
+    """A Conv2d (grouped and depthwise included) with quantized weight and input.
+
+    >>> import torch
+    >>> from lowbit.spec import QuantSpec
+    >>> q = QConv2d.from_float(torch.nn.Conv2d(4, 4, 3, groups=4), QuantSpec("int8"))
+    >>> q(torch.randn(1, 4, 8, 8)).shape
+    torch.Size([1, 4, 6, 6])
+    """
+
+    @classmethod
+    def _float_args(cls, module: nn.Module) -> dict[str, Any]:
+        return _conv_args(module)
+
+    def _forward_with(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self._conv_forward(x, weight, bias)
+
+
+@register_qmodule(nn.Conv1d)
+class QConv1d(QModule, nn.Conv1d):
+    """A Conv1d with quantized weight and input.
+
+    >>> import torch
+    >>> from lowbit.spec import QuantSpec
+    >>> q = QConv1d.from_float(torch.nn.Conv1d(2, 3, 3), QuantSpec("int8"))
+    >>> q(torch.randn(1, 2, 10)).shape
+    torch.Size([1, 3, 8])
+    """
+
+    @classmethod
+    def _float_args(cls, module: nn.Module) -> dict[str, Any]:
+        return _conv_args(module)
+
+    def _forward_with(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self._conv_forward(x, weight, bias)
