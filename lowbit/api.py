@@ -141,7 +141,8 @@ def calibrate(
 ) -> M:
     """Run calibration batches through a prepared model, then fix every range.
 
-    The model runs in eval mode under no_grad; weights get their qparams too.
+    The model runs in eval mode under no_grad; weights get their qparams too. Every
+    submodule gets back the train/eval mode it had (a frozen batch norm stays in eval).
 
     >>> m = prepare(torch.nn.Sequential(torch.nn.Linear(4, 4)), "w8a8")
     >>> m = calibrate(m, [torch.randn(8, 4)])
@@ -149,14 +150,19 @@ def calibrate(
     False
     """
     layers = quantized_layers(model)
-    watching = {n: m.input_quantizer for n, m in layers.items()
-                if m.input_quantizer is not None and m.input_quantizer.observing}
+    watching = {
+        n: m.input_quantizer
+        for n, m in layers.items()
+        if m.input_quantizer is not None and m.input_quantizer.observing
+    }
     if watching and data is None:
         raise ValueError(
             "this recipe quantizes activations statically: pass calibration data "
             "(an iterable of batches) to calibrate/quantize, or use a weight-only or dynamic recipe"
         )
-    was_training = model.training
+    for layer in layers.values():  # before eval(): new observers take the layer's own mode
+        layer.update_weight_qparams()
+    modes = [(module, module.training) for module in model.modules()]  # restored in finally
     model.eval()
     try:
         if watching and data is not None:
@@ -173,17 +179,17 @@ def calibrate(
                     f"in float with a rule {{match: {name!r}, config: null}}"
                 )
             quantizer.finish_observing()
-        for layer in layers.values():
-            layer.update_weight_qparams()
     finally:
-        model.train(was_training)
+        for module, was_training in modes:
+            module.training = was_training
     return model
 
 
 def convert(model: M, inplace: bool = False) -> M:
     """Freeze every quantized layer: integer weights, fixed scales, int32 biases.
 
-    >>> m = calibrate(prepare(torch.nn.Sequential(torch.nn.Linear(4, 4)), "w8a8"), [torch.randn(2, 4)])
+    >>> m = prepare(torch.nn.Sequential(torch.nn.Linear(4, 4)), "w8a8")
+    >>> m = calibrate(m, [torch.randn(2, 4)])
     >>> convert(m)[0].qweight.dtype
     torch.int8
     """

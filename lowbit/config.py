@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lowbit.spec import QuantSpec, SpecError
+from lowbit.observers import make_observer
+from lowbit.spec import PerGroup, QuantSpec, SpecError
 
 __all__ = [
     "QuantConfig",
@@ -41,6 +42,25 @@ def _only_keys(data: Any, allowed: set[str], where: str) -> dict[str, Any]:
     return data
 
 
+def _check_role(spec: QuantSpec, role: str, where: str) -> None:
+    """Reject specs that parse but cannot work for this tensor (``role``: weight or input)."""
+    if role == "weight" and spec.dynamic:
+        raise RecipeError(
+            f"{where}: weights cannot be dynamic (they are known ahead of time); "
+            "set dynamic: false for the weight"
+        )
+    if role == "input" and isinstance(spec.gran, PerGroup):
+        raise RecipeError(
+            f"{where}: per_group granularity is for weights only; use per_tensor "
+            "(or per_channel) for the input"
+        )
+    if not spec.dynamic:
+        try:
+            make_observer(spec)  # unknown observer_args, entropy off per_tensor, ...
+        except SpecError as err:
+            raise RecipeError(f"{where}: {err}") from None
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Specs for one layer's weight and input activation; ``None`` leaves that tensor float.
@@ -57,6 +77,8 @@ class QuantConfig:
             value = getattr(self, key)
             if value is not None and not isinstance(value, QuantSpec):
                 raise RecipeError(f"QuantConfig.{key} must be a QuantSpec or None, got {value!r}")
+            if value is not None:
+                _check_role(value, key, f"QuantConfig.{key}")
         if self.input is None and self.weight is None:
             raise RecipeError(
                 "QuantConfig with neither weight nor input quantizes nothing: use config=None "
@@ -74,11 +96,19 @@ class QuantConfig:
     def from_dict(cls, data: Any, where: str = "config") -> QuantConfig:
         """Read ``{"weight": {...}, "input": {...}}`` strictly."""
         data = _only_keys(data, {"weight", "input"}, where)
-        weight, inp = data.get("weight"), data.get("input")
-        return cls(
-            weight=QuantSpec.from_dict(weight, f"{where}.weight") if weight is not None else None,
-            input=QuantSpec.from_dict(inp, f"{where}.input") if inp is not None else None,
-        )
+        specs: dict[str, QuantSpec | None] = {}
+        for role in ("weight", "input"):
+            raw = data.get(role)
+            spec = QuantSpec.from_dict(raw, f"{where}.{role}") if raw is not None else None
+            if spec is not None:
+                _check_role(spec, role, f"{where}.{role}")
+            specs[role] = spec
+        if specs["weight"] is None and specs["input"] is None:
+            raise RecipeError(
+                f"{where}: a config with neither weight nor input quantizes nothing; write "
+                "null instead of the mapping to keep the layer(s) in float"
+            )
+        return cls(weight=specs["weight"], input=specs["input"])
 
 
 @dataclass(frozen=True)
@@ -157,32 +187,65 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
         """Read a recipe mapping strictly: an unknown key is an error naming it."""
-        allowed = {"name", "description", "version", "default", "rules", "algorithm", "args",
-                   "fold_batchnorm"}
+        allowed = {
+            "name",
+            "description",
+            "version",
+            "default",
+            "rules",
+            "algorithm",
+            "args",
+            "fold_batchnorm",
+        }
         data = _only_keys(data, allowed, where)
         if "default" not in data:
             raise RecipeError(f"{where}: missing key 'default' (a config, or null for float)")
+        raw_rules = data.get("rules") or []
+        if not isinstance(raw_rules, list):
+            raise RecipeError(
+                f"{where}.rules: expected a list of {{match: GLOB, config: ...}} mappings, "
+                f"got {type(raw_rules).__name__} {raw_rules!r}"
+            )
         rules = []
-        for i, item in enumerate(data.get("rules") or []):
+        for i, item in enumerate(raw_rules):
             item = _only_keys(item, {"match", "config"}, f"{where}.rules[{i}]")
             if "match" not in item or not isinstance(item["match"], str):
                 raise RecipeError(f"{where}.rules[{i}]: needs 'match', a glob over module names")
             cfg = item.get("config")
-            rules.append(Rule(item["match"], QuantConfig.from_dict(
-                cfg, f"{where}.rules[{i}].config") if cfg is not None else None))
+            rules.append(
+                Rule(
+                    item["match"],
+                    QuantConfig.from_dict(cfg, f"{where}.rules[{i}].config")
+                    if cfg is not None
+                    else None,
+                )
+            )
         default = data["default"]
         args = data.get("args") or {}
         if not isinstance(args, dict):
             raise RecipeError(f"{where}.args: expected a mapping of algorithm arguments")
+        version = data.get("version", RECIPE_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise RecipeError(
+                f"{where}.version: expected an integer (this lowbit reads version "
+                f"{RECIPE_VERSION}), got {version!r}"
+            )
+        fold = data.get("fold_batchnorm", True)
+        if not isinstance(fold, bool):
+            raise RecipeError(
+                f"{where}.fold_batchnorm: expected true or false (no quotes), got {fold!r}"
+            )
         return cls(
-            default=QuantConfig.from_dict(default, f"{where}.default") if default else None,
+            default=(
+                QuantConfig.from_dict(default, f"{where}.default") if default is not None else None
+            ),
             rules=tuple(rules),
             algorithm=data.get("algorithm"),
             args=tuple(sorted(args.items())),
             name=str(data.get("name", "custom")),
             description=str(data.get("description", "")),
-            fold_batchnorm=bool(data.get("fold_batchnorm", True)),
-            version=int(data.get("version", RECIPE_VERSION)),
+            fold_batchnorm=fold,
+            version=version,
         )
 
     def to_yaml(self) -> str:

@@ -154,9 +154,10 @@ class _SampleObserver(Observer):
         self.hi = torch.tensor(-math.inf)
 
     def observe(self, x: torch.Tensor) -> None:
-        rows = blocks(x, self.spec.gran)  # (blocks, n)
-        self.lo = torch.minimum(self.lo, rows.min(dim=1).values)
-        self.hi = torch.maximum(self.hi, rows.max(dim=1).values)
+        lo, hi = minmax(x, self.spec.gran)
+        self.lo = torch.minimum(self.lo, lo.reshape(-1))  # (blocks,)
+        self.hi = torch.maximum(self.hi, hi.reshape(-1))
+        rows = blocks(x, self.spec.gran, pad=math.nan)  # (blocks, n); nan marks padding
         rows = _subsample(rows, self.max_samples, self.generator)
         merged = rows if self.samples is None else torch.cat([self.samples, rows], dim=1)
         self.samples = _subsample(merged, self.max_samples, self.generator)
@@ -177,15 +178,20 @@ class PercentileObserver(_SampleObserver):
 
     def __init__(self, spec: QuantSpec, percentile: float = 99.99, max_samples: int = 1 << 16):
         super().__init__(spec, max_samples)
-        if not 0.0 < percentile <= 100.0:
-            raise SpecError(f"percentile={percentile} must be in (0, 100]")
+        if not 50.0 < percentile <= 100.0:
+            raise SpecError(
+                f"percentile={percentile} must be in (50, 100]: it is the upper clip point, "
+                "the lower one mirrors it (e.g. 99.99 clips below 0.01)"
+            )
         self.percentile = percentile
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.samples is not None
         q = self.percentile / 100.0
-        hi = torch.quantile(self.samples, q, dim=1)
-        lo = torch.quantile(self.samples, 1.0 - q, dim=1)
+        hi = torch.nanquantile(self.samples, q, dim=1)  # nan: padding of a short group
+        lo = torch.nanquantile(self.samples, 1.0 - q, dim=1)
+        # a block whose sample kept only padding falls back to its observed range
+        hi, lo = torch.where(hi.isnan(), self.hi, hi), torch.where(lo.isnan(), self.lo, lo)
         return self._shaped(lo), self._shaped(hi)
 
 
@@ -223,11 +229,13 @@ class MSEObserver(_SampleObserver):
         for ratio in self.ratios.tolist():
             scale, zero = choose_qparams(lo * ratio, hi * ratio, dtype, self.spec.symmetric)
             fq = fake_quantize(rows, scale, zero, dtype, PerChannel(0))
-            err = (fq - rows).pow(2).sum(dim=1)
+            err = (fq - rows).pow(2).nansum(dim=1)  # nan: padding of a short group
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_lo = torch.where(better, lo * ratio, best_lo)
             best_hi = torch.where(better, hi * ratio, best_hi)
+        empty = rows.isnan().all(dim=1)  # a block whose sample kept only padding: no clipping
+        best_lo, best_hi = torch.where(empty, lo, best_lo), torch.where(empty, hi, best_hi)
         return self._shaped(best_lo), self._shaped(best_hi)
 
 
@@ -281,9 +289,12 @@ class EntropyObserver(Observer):
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.spec.qdtype
         levels = 1 << (dtype.bits - 1) if self.has_negative else 1 << dtype.bits
-        step = max(1, (self.bins - levels) // 128)
-        candidates = range(levels, self.bins + 1, step)
-        best = min(candidates, key=lambda i: self._kl(i, levels))
+        if levels >= self.bins:
+            best = self.bins  # the grid is finer than the histogram: nothing to gain by clipping
+        else:
+            step = max(1, (self.bins - levels) // 128)
+            candidates = range(levels, self.bins + 1, step)
+            best = min(candidates, key=lambda i: self._kl(i, levels))
         threshold = torch.tensor(best * self.amax / self.bins, dtype=torch.float32)
         lo = -threshold if self.has_negative else torch.tensor(0.0)
         return lo, threshold
@@ -305,17 +316,18 @@ class MeanStdObserver(Observer):
         self.k = k
         self.sum = torch.tensor(0.0, dtype=torch.float64)
         self.sumsq = torch.tensor(0.0, dtype=torch.float64)
-        self.count = 0
+        self.count = torch.tensor(0.0, dtype=torch.float64)
         self.lo = torch.tensor(math.inf)
         self.hi = torch.tensor(-math.inf)
 
     def observe(self, x: torch.Tensor) -> None:
-        rows = blocks(x, self.spec.gran).double()  # (blocks, n)
-        self.sum = self.sum + rows.sum(dim=1)
-        self.sumsq = self.sumsq + rows.pow(2).sum(dim=1)
-        self.count += rows.shape[1]
-        self.lo = torch.minimum(self.lo, rows.min(dim=1).values.float())
-        self.hi = torch.maximum(self.hi, rows.max(dim=1).values.float())
+        rows = blocks(x, self.spec.gran, pad=math.nan).double()  # (blocks, n); nan: padding
+        self.sum = self.sum + rows.nansum(dim=1)
+        self.sumsq = self.sumsq + rows.pow(2).nansum(dim=1)
+        self.count = self.count + (~rows.isnan()).sum(dim=1)
+        lo, hi = minmax(x, self.spec.gran)
+        self.lo = torch.minimum(self.lo, lo.reshape(-1))  # (blocks,)
+        self.hi = torch.maximum(self.hi, hi.reshape(-1))
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.shape is not None

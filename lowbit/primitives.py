@@ -43,8 +43,8 @@ def storage_dtype(dtype: QDtype) -> torch.dtype:
     return torch.int16 if dtype.signed else torch.int32
 
 
-def _grouped(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, Restore]:
-    """View ``x`` as (rows, groups, group_size), zero-padding a short last group."""
+def _grouped(x: torch.Tensor, group_size: int, pad: float = 0.0) -> tuple[torch.Tensor, Restore]:
+    """View ``x`` as (rows, groups, group_size), padding a short last group with ``pad``."""
     if x.ndim < 2:
         raise SpecError(
             f"per_group needs a weight with at least 2 dims, got shape {tuple(x.shape)}; "
@@ -55,7 +55,7 @@ def _grouped(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, Restore]:
     flat = x.reshape(rows, -1)  # (out, in*kh*kw)
     width = flat.shape[1]
     groups = math.ceil(width / group_size)
-    flat = F.pad(flat, (0, groups * group_size - width))
+    flat = F.pad(flat, (0, groups * group_size - width), value=pad)
     view = flat.view(rows, groups, group_size)  # (out, groups, g)
 
     def restore(t: torch.Tensor) -> torch.Tensor:
@@ -102,20 +102,23 @@ def _broadcast(
     return view, param.reshape(view.shape[0], view.shape[1], 1), restore  # (out, groups, 1)
 
 
-def blocks(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
+def blocks(x: torch.Tensor, granularity: Granularity, pad: float = 0.0) -> torch.Tensor:
     """View ``x`` as a matrix with one row per quantization block (tensor, channel or group).
 
-    Rows follow the flattened order of :func:`qparam_shape`; a short last group is zero padded.
+    Rows follow the flattened order of :func:`qparam_shape`; a short last group is padded
+    with ``pad`` (0 by default; ``nan`` lets statistics skip the padding with nan-aware ops).
 
     >>> blocks(torch.zeros(4, 10), PerGroup(4)).shape
     torch.Size([12, 4])
+    >>> blocks(torch.ones(1, 6), PerGroup(4), pad=float("nan"))[1].tolist()
+    [1.0, 1.0, nan, nan]
     """
     if isinstance(granularity, PerTensor):
         return x.reshape(1, -1)  # (1, numel)
     if isinstance(granularity, PerChannel):
         _check_axis(x.ndim, granularity.axis)
         return x.movedim(granularity.axis, 0).reshape(x.shape[granularity.axis], -1)  # (C, rest)
-    view, _ = _grouped(x, granularity.group_size)
+    view, _ = _grouped(x, granularity.group_size, pad)
     return view.reshape(-1, granularity.group_size)  # (out*groups, g)
 
 
@@ -126,8 +129,14 @@ def minmax(x: torch.Tensor, granularity: Granularity) -> tuple[torch.Tensor, tor
     >>> lo.tolist(), hi.tolist()
     ([-2.0, 3.0], [1.0, 4.0])
     """
-    rows = blocks(x.detach(), granularity)
-    lo, hi = torch.aminmax(rows, dim=1)
+    x = x.detach()
+    if isinstance(granularity, PerGroup):
+        # pad a short last group with values that can win neither the min nor the max
+        info = torch.finfo(x.dtype) if x.is_floating_point() else torch.iinfo(x.dtype)
+        lo = blocks(x, granularity, pad=info.max).amin(dim=1)
+        hi = blocks(x, granularity, pad=info.min).amax(dim=1)
+    else:
+        lo, hi = torch.aminmax(blocks(x, granularity), dim=1)
     shape = qparam_shape(x.shape, granularity)
     return lo.reshape(shape), hi.reshape(shape)
 
@@ -217,7 +226,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     """Quantize-dequantize; gradient 1 inside the clipping range and 0 outside."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         scale: torch.Tensor,

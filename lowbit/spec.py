@@ -102,6 +102,13 @@ class PerChannel:
     axis: int = 0
     kind: Literal["per_channel"] = field(default="per_channel", init=False)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.axis, int) or isinstance(self.axis, bool):
+            raise SpecError(
+                f"per_channel axis={self.axis!r} must be an integer "
+                "(0 = output channels of a weight, 1 = channels of an activation)"
+            )
+
 
 @dataclass(frozen=True)
 class PerGroup:
@@ -138,7 +145,14 @@ def parse_granularity(value: str | dict[str, Any] | Granularity) -> Granularity:
         kind, _, arg = value.partition(":")
         args: dict[str, Any] = {}
         if arg:
-            args = {"group_size" if kind == "per_group" else "axis": int(arg)}
+            key = "group_size" if kind == "per_group" else "axis"
+            try:
+                args = {key: int(arg)}
+            except ValueError:
+                raise SpecError(
+                    f"granularity {value!r}: {key} {arg!r} is not an integer; "
+                    "write per_channel:AXIS or per_group:SIZE, e.g. per_group:64"
+                ) from None
         value = {"kind": kind, **args}
     if not isinstance(value, dict):
         raise SpecError(f"granularity {value!r}: write per_tensor, per_channel or per_group:SIZE")
@@ -150,9 +164,7 @@ def parse_granularity(value: str | dict[str, Any] | Granularity) -> Granularity:
         "per_group": PerGroup,
     }
     if kind not in classes:
-        raise SpecError(
-            f"granularity kind {kind!r} is unknown: use one of {', '.join(classes)}"
-        )
+        raise SpecError(f"granularity kind {kind!r} is unknown: use one of {', '.join(classes)}")
     allowed = {"per_tensor": set(), "per_channel": {"axis"}, "per_group": {"group_size"}}[kind]
     unknown = set(args) - allowed
     if unknown:
@@ -161,6 +173,20 @@ def parse_granularity(value: str | dict[str, Any] | Granularity) -> Granularity:
         )
     result: Granularity = classes[kind](**args)
     return result
+
+
+def _normalise_args(args: Any) -> tuple[tuple[str, Any], ...]:
+    """Observer arguments as a sorted tuple of (name, value) pairs, whatever order they came in."""
+    try:
+        pairs = dict(args)
+    except (TypeError, ValueError):
+        raise SpecError(
+            f"observer_args={args!r} must be a mapping of argument names to values, "
+            "e.g. {'percentile': 99.9}"
+        ) from None
+    if not all(isinstance(name, str) for name in pairs):
+        raise SpecError(f"observer_args={args!r}: argument names must be strings")
+    return tuple(sorted(pairs.items()))
 
 
 @dataclass(frozen=True)
@@ -186,8 +212,13 @@ class QuantSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", QDtype.parse(self.dtype))
         object.__setattr__(self, "granularity", parse_granularity(self.granularity))
-        if isinstance(self.observer_args, dict):
-            object.__setattr__(self, "observer_args", tuple(sorted(self.observer_args.items())))
+        object.__setattr__(self, "observer_args", _normalise_args(self.observer_args))
+        for name in ("symmetric", "dynamic"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(
+                    f"{name}={getattr(self, name)!r} must be True or False "
+                    "(in YAML write true / false without quotes)"
+                )
         if self.observer not in OBSERVER_NAMES:
             raise SpecError(
                 f"observer={self.observer!r} is unknown: use one of {', '.join(OBSERVER_NAMES)}"
@@ -248,19 +279,27 @@ class QuantSpec:
         """
         if not isinstance(data, dict):
             raise SpecError(f"{where}: expected a mapping of spec fields, got {data!r}")
-        known = {"dtype", "granularity", "symmetric", "dynamic", "observer", "observer_args",
-                 "rounding", "bits"}
+        known = {
+            "dtype",
+            "granularity",
+            "symmetric",
+            "dynamic",
+            "observer",
+            "observer_args",
+            "rounding",
+            "bits",
+        }
         unknown = sorted(set(data) - known)
         if unknown:
             raise SpecError(
                 f"{where}: unknown key(s) {unknown}; allowed keys: {sorted(known - {'bits'})}"
             )
         args = dict(data)
-        if "bits" in args:
-            bits = args.pop("bits")
-            signed = QDtype.parse(args.get("dtype", "int8")).signed
-            args["dtype"] = QDtype(bits, signed)
         try:
+            if "bits" in args:
+                bits = args.pop("bits")
+                signed = QDtype.parse(args.get("dtype", "int8")).signed
+                args["dtype"] = QDtype(bits, signed)
             return cls(**args)
         except SpecError as err:
             raise SpecError(f"{where}: {err}") from None

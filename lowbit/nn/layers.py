@@ -14,7 +14,7 @@ __all__ = ["QLinear", "QConv1d", "QConv2d"]
 
 
 @register_qmodule(nn.Linear)
-class QLinear(QModule, nn.Linear):
+class QLinear(QModule, nn.Linear):  # type: ignore[misc]  # Linear infers bias as Parameter
     """A Linear layer with quantized weight and (optionally) quantized input.
 
     >>> import torch

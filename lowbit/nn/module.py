@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -71,8 +71,8 @@ class QModule(nn.Module):
     ``_forward_with``.
     """
 
-    weight: nn.Parameter
-    bias: nn.Parameter | None
+    weight: torch.Tensor
+    bias: torch.Tensor | None
     weight_quantizer: Quantizer | None
     input_quantizer: Quantizer | None
     frozen: bool
@@ -90,7 +90,7 @@ class QModule(nn.Module):
         """Wrap a float layer, sharing its parameters, with the given weight and input specs."""
         label = name or type(module).__name__
         if weight is not None:
-            _check_weight_spec(label, module.weight, weight)
+            _check_weight_spec(label, cast(torch.Tensor, module.weight), weight)
         if input is not None and isinstance(input.gran, PerGroup):
             raise SpecError(f"{label}: per_group is for weights only; use per_tensor for input")
         qmod = torch.nn.utils.skip_init(cls, **cls._float_args(module))

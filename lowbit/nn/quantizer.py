@@ -59,7 +59,7 @@ class Quantizer(nn.Module):
 
     def observe_tensor(self, x: torch.Tensor) -> None:
         """Observe one tensor (a weight) from scratch and fix the qparams from it."""
-        self.observer = make_observer(self.spec)
+        self.observer = make_observer(self.spec).train(self.training)  # keep the model's mode
         self.observer(x)
         self.finish_observing()
 
