@@ -1,0 +1,76 @@
+"""Offline datasets (Fashion-MNIST, MNIST, digits, CIFAR-10 folders) and a small model zoo.
+
+Nothing is loaded at import; every loader reads its files when called.
+"""
+
+from lowbit.data.batching import batches, calibration_batches
+from lowbit.data.cifar import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
+from lowbit.data.datasets import (
+    DIGITS_MEAN,
+    DIGITS_STD,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_ROOT,
+    FASHION_MNIST_STD,
+    MNIST_MEAN,
+    MNIST_STD,
+    DatasetNotFoundError,
+    load_digits,
+    load_fashion_mnist,
+    load_mnist,
+    normalize_images,
+)
+from lowbit.data.idx import IDXFormatError, parse_idx, read_idx, write_idx
+from lowbit.data.safe_pickle import RestrictedUnpickler, UnsafePickleError, safe_load, safe_loads
+from lowbit.data.training import (
+    FASHION_RESNET_RECIPE,
+    TrainRecipe,
+    default_cache_dir,
+    evaluate,
+    load_weights,
+    pretrained_resnet_fashion_mnist,
+    save_weights,
+    train,
+)
+from lowbit.data.zoo import MLP, MODELS, BasicBlock, LeNet5, SmallResNet, create_model
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DIGITS_MEAN",
+    "DIGITS_STD",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_ROOT",
+    "FASHION_MNIST_STD",
+    "FASHION_RESNET_RECIPE",
+    "MLP",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "MODELS",
+    "BasicBlock",
+    "DatasetNotFoundError",
+    "IDXFormatError",
+    "LeNet5",
+    "RestrictedUnpickler",
+    "SmallResNet",
+    "TrainRecipe",
+    "UnsafePickleError",
+    "batches",
+    "calibration_batches",
+    "create_model",
+    "default_cache_dir",
+    "evaluate",
+    "load_cifar10",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_mnist",
+    "load_weights",
+    "normalize_images",
+    "parse_idx",
+    "pretrained_resnet_fashion_mnist",
+    "read_idx",
+    "safe_load",
+    "safe_loads",
+    "save_weights",
+    "train",
+    "write_idx",
+]
