@@ -1,3 +1,49 @@
-"""lowbit: quantize PyTorch models into really smaller, really faster low-bit models."""
+"""lowbit: quantize PyTorch models into really smaller, really faster low-bit models.
 
-__version__ = "0.1.0"
+The whole life cycle in one call, then a packed file on disk:
+
+>>> import tempfile, torch, lowbit
+>>> net = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+>>> qnet = lowbit.quantize(net, "w8a8", data=[torch.randn(32, 16)])
+>>> with tempfile.TemporaryDirectory() as d:
+...     back = lowbit.load(lowbit.save(qnet, f"{d}/net.lowbit"), net)
+>>> x = torch.randn(2, 16)
+>>> torch.equal(back(x), qnet(x)), lowbit.sqnr_db(net(x), qnet(x)) > 20
+(True, True)
+"""
+
+__version__ = "0.1.0"  # first: lowbit.export reads it while the names below are imported
+
+from lowbit.api import calibrate, convert, prepare, prepared_info, quantize, quantized_layers
+from lowbit.config import QuantConfig, Recipe, RecipeError, Rule, list_recipes, load_recipe
+from lowbit.export import CheckpointError, inspect, load, save, theoretical_size
+from lowbit.report.metrics import sqnr_db
+from lowbit.spec import PerChannel, PerGroup, PerTensor, QDtype, QuantSpec, SpecError
+
+__all__ = [
+    "CheckpointError",
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
+    "QDtype",
+    "QuantConfig",
+    "QuantSpec",
+    "Recipe",
+    "RecipeError",
+    "Rule",
+    "SpecError",
+    "__version__",
+    "calibrate",
+    "convert",
+    "inspect",
+    "list_recipes",
+    "load",
+    "load_recipe",
+    "prepare",
+    "prepared_info",
+    "quantize",
+    "quantized_layers",
+    "save",
+    "sqnr_db",
+    "theoretical_size",
+]

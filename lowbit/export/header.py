@@ -1,0 +1,358 @@
+"""The ``.lowbit`` file header: a safetensors header whose ``__metadata__`` carries lowbit's JSON.
+
+A ``.lowbit`` file is a plain safetensors file::
+
+    [8 bytes: little-endian u64 N][N bytes: JSON header][tensor data]
+
+The JSON header maps each tensor name to ``{"dtype", "shape", "data_offsets"}`` (offsets relative
+to the start of the data) and holds ``"__metadata__"``: ``{"format": "lowbit", "header": JSON}``.
+Everything here is checked from bytes and JSON only; nothing is unpickled or executed.
+
+The checksum is sha256 over the tensors in name-sorted order; for each tensor it hashes the
+UTF-8 name, a NUL byte, the byte count as a little-endian u64, then the raw bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CheckpointError",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "LayerInfo",
+    "TensorEntry",
+    "Header",
+    "read_header",
+    "checksum",
+]
+
+FORMAT_NAME = "lowbit"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+_RESAVE = "re-save it with lowbit.save(model, path)"
+
+
+class CheckpointError(ValueError):
+    """A ``.lowbit`` file (or a model given to save/load) that cannot be used; the message names
+    the file, the field and the fix."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies in the file: safetensors dtype, shape, data byte range."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tensor takes on disk."""
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What the header says about one quantized layer (``weight_spec`` None: float weight)."""
+
+    name: str
+    layer_class: str
+    weight_shape: tuple[int, ...]
+    weight_spec: dict[str, Any] | None
+    input_spec: dict[str, Any] | None
+    qbias: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """The header's JSON object for this layer (dtype/bits/granularity repeated for tools)."""
+        spec = self.weight_spec or {}
+        dtype = spec.get("dtype")
+        return {
+            "name": self.name,
+            "class": self.layer_class,
+            "weight_shape": list(self.weight_shape),
+            "dtype": dtype,
+            "bits": _bits_of(dtype),
+            "signed": None if dtype is None else not str(dtype).startswith("u"),
+            "granularity": spec.get("granularity"),
+            "weight_spec": self.weight_spec,
+            "input": self.input_spec,
+            "qbias": self.qbias,
+        }
+
+    @property
+    def dtype(self) -> str:
+        """The weight dtype (``"int4"``, ...) or ``"float"`` for an unquantized weight."""
+        return str(self.weight_spec["dtype"]) if self.weight_spec else "float"
+
+    @property
+    def bits(self) -> int:
+        """Weight bits (32 for a float weight)."""
+        if self.weight_spec is None:
+            return 32
+        return _bits_of(self.weight_spec.get("dtype")) or 32
+
+
+def _bits_of(dtype: Any) -> int | None:
+    if dtype is None:
+        return None
+    return int(str(dtype).lstrip("u").removeprefix("int"))
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, checked ``.lowbit`` header."""
+
+    path: Path
+    file_size: int
+    data_start: int
+    tensors: dict[str, TensorEntry]
+    format_version: int
+    lowbit_version: str
+    recipe: dict[str, Any]
+    folds: list[tuple[str, str]]
+    layers: list[LayerInfo]
+    checksum: str
+
+
+def checksum(items: Iterable[tuple[str, bytes | memoryview]]) -> str:
+    """sha256 hex digest of ``(name, raw bytes)`` pairs, hashed in name-sorted order.
+
+    >>> checksum([("b", b"2"), ("a", b"1")]) == checksum([("a", b"1"), ("b", b"2")])
+    True
+    """
+    digest = hashlib.sha256()
+    for name, data in sorted(items, key=lambda item: item[0]):
+        view = memoryview(data).cast("B")
+        digest.update(name.encode("utf-8") + b"\0" + len(view).to_bytes(8, "little"))
+        digest.update(view)
+    return digest.hexdigest()
+
+
+def _fail(path: Path, problem: str, fix: str) -> CheckpointError:
+    return CheckpointError(f"{str(path)!r}: {problem}; {fix}")
+
+
+def _foreign_hint(head: bytes) -> str:
+    if head.startswith(b"PK"):
+        return "it is a zip archive (torch.save writes these; lowbit never unpickles files)"
+    if head[:1] == b"\x80":
+        return "it is a pickle file (lowbit never unpickles files)"
+    return "it does not start with a safetensors header"
+
+
+def _read_json_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """The raw safetensors JSON header, the data start offset and the file size."""
+    if not path.is_file():
+        raise _fail(path, "no such file", "check the path (lowbit.save returns it)")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if len(head) < 8:
+            raise _fail(
+                path,
+                f"truncated: the file has {size} byte(s), fewer than the 8-byte "
+                "header length a safetensors file starts with",
+                _RESAVE,
+            )
+        if n < 2 or n > _MAX_HEADER_BYTES:
+            raise _fail(
+                path,
+                f"not a lowbit file: {_foreign_hint(head)}",
+                "load it with the tool that wrote it, or save the model with lowbit.save",
+            )
+        raw = f.read(n)
+    if len(raw) < n and raw[:1] in (b"", b"{"):
+        raise _fail(
+            path,
+            f"truncated: the header needs {n} bytes but the file has "
+            f"{size - 8} after the length field",
+            _RESAVE,
+        )
+    if not raw.startswith(b"{") or len(raw) < n:
+        raise _fail(
+            path,
+            f"not a lowbit file: {_foreign_hint(head)}",
+            "load it with the tool that wrote it, or save the model with lowbit.save",
+        )
+    try:
+        parsed = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _fail(
+            path,
+            f"the safetensors header is not valid JSON ({err}); the file is corrupted",
+            _RESAVE,
+        ) from None
+    if not isinstance(parsed, dict):
+        raise _fail(path, "the safetensors header is not a JSON object (corrupted)", _RESAVE)
+    return parsed, 8 + n, size
+
+
+def _tensor_entries(path: Path, raw: dict[str, Any], data_size: int) -> dict[str, TensorEntry]:
+    entries: dict[str, TensorEntry] = {}
+    for name, info in raw.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            entry = TensorEntry(str(dtype), tuple(int(d) for d in shape), int(begin), int(end))
+        except (KeyError, TypeError, ValueError):
+            raise _fail(
+                path, f"tensor {name!r} has a malformed header entry {info!r} (corrupted)", _RESAVE
+            ) from None
+        if entry.dtype not in _ITEMSIZE:
+            raise _fail(path, f"tensor {name!r} has unknown dtype {entry.dtype!r}", _RESAVE)
+        if not 0 <= entry.begin <= entry.end:
+            raise _fail(
+                path, f"tensor {name!r} has bad data offsets [{begin}, {end}] (corrupted)", _RESAVE
+            )
+        if entry.end > data_size:
+            raise _fail(
+                path,
+                f"truncated: tensor {name!r} needs data bytes up to {entry.end} "
+                f"but the file holds only {data_size}",
+                _RESAVE,
+            )
+        if entry.nbytes != math.prod(entry.shape) * _ITEMSIZE[entry.dtype]:
+            raise _fail(
+                path,
+                f"tensor {name!r}: {entry.nbytes} bytes do not fit shape "
+                f"{list(entry.shape)} of {entry.dtype} (corrupted)",
+                _RESAVE,
+            )
+        entries[name] = entry
+    return entries
+
+
+def _lowbit_json(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    meta = raw.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or "header" not in meta:
+        raise _fail(
+            path,
+            "not a lowbit file: a safetensors file without lowbit's metadata "
+            "(__metadata__.format is not 'lowbit')",
+            "load plain safetensors files with "
+            "safetensors.torch.load_file, or save the quantized model with lowbit.save",
+        )
+    try:
+        data = json.loads(meta["header"])
+    except (TypeError, json.JSONDecodeError) as err:
+        raise _fail(path, f"__metadata__.header is not valid JSON ({err})", _RESAVE) from None
+    if not isinstance(data, dict):
+        raise _fail(path, "__metadata__.header is not a JSON object", _RESAVE)
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _fail(
+            path,
+            f"__metadata__.header.format_version={version!r} is not a positive integer (corrupted)",
+            _RESAVE,
+        )
+    if version not in SUPPORTED_VERSIONS:
+        raise _fail(
+            path,
+            f"unsupported format version {version} (written by lowbit "
+            f"{data.get('lowbit_version', '?')}); this lowbit reads version(s) "
+            f"{sorted(SUPPORTED_VERSIONS)}",
+            "upgrade lowbit to load it",
+        )
+    return data
+
+
+def _field(path: Path, data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in data:
+        raise _fail(path, f"missing key {key!r} in the lowbit header", _RESAVE)
+    value = data[key]
+    if not isinstance(value, kind):
+        raise _fail(
+            path, f"header key {key!r} has the wrong type ({type(value).__name__})", _RESAVE
+        )
+    return value
+
+
+def _layer(path: Path, item: Any, i: int) -> LayerInfo:
+    if not isinstance(item, dict):
+        raise _fail(path, f"header layers[{i}] is not an object", _RESAVE)
+    where = f"layers[{i}]"
+    try:
+        return LayerInfo(
+            name=str(item["name"]),
+            layer_class=str(item["class"]),
+            weight_shape=tuple(int(d) for d in item["weight_shape"]),
+            weight_spec=item["weight_spec"],
+            input_spec=item["input"],
+            qbias=bool(item["qbias"]),
+        )
+    except KeyError as err:
+        raise _fail(path, f"missing key {err.args[0]!r} in header {where}", _RESAVE) from None
+    except (TypeError, ValueError) as err:
+        raise _fail(path, f"header {where} is malformed ({err})", _RESAVE) from None
+
+
+def read_header(path: str | Path) -> Header:
+    """Read and check a ``.lowbit`` header without reading any tensor data.
+
+    Checks, in order: the file exists, the 8-byte length is sane, the JSON parses, every
+    tensor's bytes lie inside the file, the metadata says ``lowbit`` with a supported version.
+
+    >>> import tempfile, torch
+    >>> from lowbit.api import quantize
+    >>> from lowbit.export import save
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     p = save(quantize(torch.nn.Sequential(torch.nn.Linear(8, 4)), "w4a16"), f"{d}/m")
+    ...     header = read_header(p)
+    >>> [(layer.name, layer.dtype) for layer in header.layers]
+    [('0', 'int4')]
+    """
+    path = Path(path)
+    raw, data_start, size = _read_json_header(path)
+    tensors = _tensor_entries(path, raw, size - data_start)
+    data = _lowbit_json(path, raw)
+    folds = _field(path, data, "folds", list)
+    if not all(
+        isinstance(f, list) and len(f) == 2 and all(isinstance(s, str) for s in f) for f in folds
+    ):
+        raise _fail(path, "header key 'folds' must be a list of [layer, bn] names", _RESAVE)
+    layers = [_layer(path, item, i) for i, item in enumerate(_field(path, data, "layers", list))]
+    digest = _field(path, data, "checksum", dict)
+    if digest.get("algorithm") != "sha256" or not isinstance(digest.get("value"), str):
+        raise _fail(
+            path, "header key 'checksum' must be {'algorithm': 'sha256', 'value': hex}", _RESAVE
+        )
+    return Header(
+        path=path,
+        file_size=size,
+        data_start=data_start,
+        tensors=tensors,
+        format_version=int(data["format_version"]),
+        lowbit_version=str(_field(path, data, "lowbit_version", str)),
+        recipe=_field(path, data, "recipe", dict),
+        folds=[(a, b) for a, b in folds],
+        layers=layers,
+        checksum=digest["value"],
+    )

@@ -1,0 +1,206 @@
+"""What a ``.lowbit`` file holds, layer by layer, read from its header alone (no tensor data)."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lowbit.export.header import Header, read_header
+
+__all__ = [
+    "LayerRow",
+    "FileSummary",
+    "inspect",
+    "summarize",
+    "inspect_table",
+    "format_inspect",
+    "print_inspect",
+]
+
+_LAYER_KEYS = (
+    "qweight",
+    "weight",
+    "bias",
+    "qbias",
+    "weight_quantizer.scale",
+    "weight_quantizer.zero_point",
+    "input_quantizer.scale",
+    "input_quantizer.zero_point",
+)
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"}
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One quantized layer of a file: its dtype, bits, granularity and bytes on disk.
+
+    ``bytes`` counts the packed weight, scales, zero points, bias and input qparams;
+    ``fp32_bytes`` is the same layer's weight and bias in float32.
+    """
+
+    name: str
+    layer_class: str
+    dtype: str
+    bits: int
+    granularity: str
+    weight_shape: tuple[int, ...]
+    bytes: int
+    fp32_bytes: int
+
+
+@dataclass(frozen=True)
+class FileSummary:
+    """A file's layers and totals: file bytes against the float32 size of the same parameters."""
+
+    path: Path
+    rows: list[LayerRow]
+    file_bytes: int
+    fp32_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        """How many times smaller the file is than float32 (``fp32_bytes / file_bytes``)."""
+        return self.fp32_bytes / self.file_bytes if self.file_bytes else math.inf
+
+
+def _layer_keys(name: str) -> list[str]:
+    prefix = f"{name}." if name else ""
+    return [prefix + key for key in _LAYER_KEYS]
+
+
+def _row(header: Header, index: int) -> LayerRow:
+    info = header.layers[index]
+    entries = {key: header.tensors[key] for key in _layer_keys(info.name) if key in header.tensors}
+    prefix = f"{info.name}." if info.name else ""
+    bias = entries.get(prefix + "bias") or entries.get(prefix + "qbias")
+    bias_numel = math.prod(bias.shape) if bias is not None else 0
+    spec = info.weight_spec or {}
+    return LayerRow(
+        name=info.name,
+        layer_class=info.layer_class,
+        dtype=info.dtype,
+        bits=info.bits,
+        granularity=str(spec.get("granularity", "-")),
+        weight_shape=info.weight_shape,
+        bytes=sum(entry.nbytes for entry in entries.values()),
+        fp32_bytes=4 * (math.prod(info.weight_shape) + bias_numel),
+    )
+
+
+def summarize(path: str | Path) -> FileSummary:
+    """Per-layer rows plus the file size against the float32 size of the same parameters.
+
+    >>> import tempfile, torch
+    >>> from lowbit.api import quantize
+    >>> from lowbit.export import save
+    >>> q = quantize(torch.nn.Sequential(torch.nn.Linear(256, 256)), "w4a16")
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     s = summarize(save(q, f"{d}/m"))
+    >>> s.ratio > 4
+    True
+    """
+    header = read_header(path)
+    rows = [_row(header, i) for i in range(len(header.layers))]
+    owned = {key for info in header.layers for key in _layer_keys(info.name)}
+    leftovers = sum(
+        4 * math.prod(entry.shape) if entry.dtype in _FLOAT_DTYPES else entry.nbytes
+        for key, entry in header.tensors.items()
+        if key not in owned
+    )
+    fp32 = sum(row.fp32_bytes for row in rows) + leftovers
+    return FileSummary(header.path, rows, header.file_size, fp32)
+
+
+def inspect(path: str | Path) -> list[LayerRow]:
+    """One row per quantized layer of a ``.lowbit`` file, from its header only.
+
+    >>> import tempfile, torch
+    >>> from lowbit.api import quantize
+    >>> from lowbit.export import save
+    >>> q = quantize(torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False)), "w4a16")
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     rows = inspect(save(q, f"{d}/m"))
+    >>> [(r.name, r.dtype, r.bits, r.granularity, r.bytes) for r in rows]  # 256 + 2 * 64 qparams
+    [('0', 'int4', 4, 'per_group:32', 384)]
+    """
+    return summarize(path).rows
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.1f} KiB"
+
+
+def inspect_table(path: str | Path) -> Table:
+    """A rich Table of :func:`summarize`'s rows and totals.
+
+    >>> import tempfile, torch
+    >>> from lowbit.api import quantize
+    >>> from lowbit.export import save
+    >>> q = quantize(torch.nn.Sequential(torch.nn.Linear(64, 8)), "w8a16")
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     table = inspect_table(save(q, f"{d}/m"))
+    >>> table.row_count
+    1
+    """
+    summary = summarize(path)
+    table = Table(title=f"{summary.path.name}", show_footer=True)
+    table.add_column("layer", footer="total (file)")
+    table.add_column("class")
+    table.add_column("dtype")
+    table.add_column("bits", justify="right")
+    table.add_column("granularity")
+    table.add_column("shape")
+    table.add_column("on disk", justify="right", footer=_kib(summary.file_bytes))
+    table.add_column("fp32", justify="right", footer=_kib(summary.fp32_bytes))
+    table.add_column("ratio", justify="right", footer=f"{summary.ratio:.2f}x")
+    for row in summary.rows:
+        ratio = row.fp32_bytes / row.bytes if row.bytes else math.inf
+        table.add_row(
+            row.name,
+            row.layer_class,
+            row.dtype,
+            str(row.bits),
+            row.granularity,
+            "x".join(map(str, row.weight_shape)),
+            _kib(row.bytes),
+            _kib(row.fp32_bytes),
+            f"{ratio:.2f}x",
+        )
+    return table
+
+
+def format_inspect(path: str | Path, width: int = 120) -> str:
+    """The per-layer table as plain text, with totals and the compression ratio.
+
+    >>> import tempfile, torch
+    >>> from lowbit.api import quantize
+    >>> from lowbit.export import save
+    >>> q = quantize(torch.nn.Sequential(torch.nn.Linear(64, 8)), "w8a16")
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     text = format_inspect(save(q, f"{d}/m"))
+    >>> "int8" in text and "total (file)" in text
+    True
+    """
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+    console.print(inspect_table(path))
+    out = console.file
+    assert isinstance(out, io.StringIO)
+    return out.getvalue()
+
+
+def print_inspect(path: str | Path, console: Console | None = None) -> None:
+    """Print the per-layer table of a ``.lowbit`` file to ``console`` (default: stdout).
+
+    >>> import tempfile, torch
+    >>> from lowbit.api import quantize
+    >>> from lowbit.export import save
+    >>> q = quantize(torch.nn.Sequential(torch.nn.Linear(64, 8)), "w8a16")
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     print_inspect(save(q, f"{d}/m"), Console(file=io.StringIO()))
+    """
+    (console or Console()).print(inspect_table(path))
