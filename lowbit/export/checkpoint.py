@@ -103,14 +103,34 @@ def _raw(t: torch.Tensor) -> memoryview:
     return t.reshape(-1).view(torch.uint8).numpy().data  # (nbytes,)
 
 
+def _compact_zero_point(zero: torch.Tensor, layer: QModule) -> torch.Tensor | None:
+    """A weight zero point as stored: None (symmetric, all zeros: not stored), packed at the
+    weight's width (uint8), or int32 as it is when it does not fit that width."""
+    wq = layer.weight_quantizer
+    assert wq is not None
+    if wq.spec.symmetric and not bool(zero.any()):
+        return None
+    try:
+        return pack_bits(zero, wq.spec.qdtype)  # (ceil(groups*w/8),) uint8
+    except ValueError:
+        return zero
+
+
 def _collect(model: nn.Module, layers: dict[str, QModule], where: str) -> dict[str, torch.Tensor]:
-    """The tensors to write: the state_dict with each integer weight packed at its real width."""
+    """The tensors to write: the state_dict with each integer weight and weight zero point
+    packed at its real width; symmetric (all-zero) weight zero points are left out."""
     state: dict[str, Any] = dict(model.state_dict())
     for name, layer in layers.items():
         wq = layer.weight_quantizer
         if layer.frozen and wq is not None:
             key = _prefix(name) + "qweight"
             state[key] = pack_bits(state[key], wq.spec.qdtype)  # (ceil(numel*w/8),) uint8
+            zkey = _prefix(name) + "weight_quantizer.zero_point"
+            zero = _compact_zero_point(state[zkey], layer)
+            if zero is None:
+                del state[zkey]
+            else:
+                state[zkey] = zero
     return _storable(state, where)
 
 
@@ -189,7 +209,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
             f"{where}: the recipe cannot be written as JSON ({err}); keep recipe args to "
             "numbers, strings, lists and dicts"
         ) from None
-    _write_atomic(path, tensors, {"format": FORMAT_NAME, "header": text})
+    _write_atomic(path, tensors, {FORMAT_NAME: text})  # one key: byte-identical files
     return path
 
 
@@ -243,21 +263,26 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
 
 def theoretical_size(model: nn.Module) -> int:
     """Bytes a converted model needs at its exact bit widths: ``numel * bits / 8`` per integer
-    weight (rounded up per layer), plus scales, zero points, biases and float leftovers.
+    weight and asymmetric weight zero point (rounded up per tensor; symmetric zero points are
+    all zero and cost nothing), plus scales, activation qparams, biases and float leftovers.
 
     >>> from lowbit.api import quantize
     >>> q = quantize(torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False)), "w8a16")
-    >>> theoretical_size(q)  # 512 int8 weights + 8 fp32 scales + 8 int32 zero points
-    576
+    >>> theoretical_size(q)  # 512 int8 weights + 8 fp32 scales (symmetric: no zero points)
+    544
     """
     layers = _check_converted(model, "theoretical_size")
-    exact_bits = {
-        _prefix(name) + "qweight": layer.weight_quantizer.spec.qdtype.bits
-        for name, layer in layers.items()
-        if layer.frozen and layer.weight_quantizer is not None
-    }
+    exact_bits: dict[str, int] = {}
+    for name, layer in layers.items():
+        wq = layer.weight_quantizer
+        if layer.frozen and wq is not None:
+            bits = wq.spec.qdtype.bits
+            exact_bits[_prefix(name) + "qweight"] = bits
+            exact_bits[_prefix(name) + "weight_quantizer.zero_point"] = (
+                0 if wq.spec.symmetric else bits
+            )
     total = 0
     for key, t in model.state_dict().items():
-        bits = exact_bits.get(key)
-        total += t.numel() * t.element_size() if bits is None else math.ceil(t.numel() * bits / 8)
+        width = exact_bits.get(key)
+        total += t.numel() * t.element_size() if width is None else math.ceil(t.numel() * width / 8)
     return total

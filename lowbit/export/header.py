@@ -5,7 +5,8 @@ A ``.lowbit`` file is a plain safetensors file::
     [8 bytes: little-endian u64 N][N bytes: JSON header][tensor data]
 
 The JSON header maps each tensor name to ``{"dtype", "shape", "data_offsets"}`` (offsets relative
-to the start of the data) and holds ``"__metadata__"``: ``{"format": "lowbit", "header": JSON}``.
+to the start of the data) and holds ``"__metadata__"``: ``{"lowbit": JSON}``, one key, because
+safetensors writes metadata keys in no fixed order and a file must be the same bytes every time.
 Everything here is checked from bytes and JSON only; nothing is unpickled or executed.
 
 The checksum is sha256 over the tensors in name-sorted order; for each tensor it hashes the
@@ -252,25 +253,25 @@ def _tensor_entries(path: Path, raw: dict[str, Any], data_size: int) -> dict[str
 
 def _lowbit_json(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
     meta = raw.get("__metadata__")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or "header" not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get(FORMAT_NAME), str):
         raise _fail(
             path,
             "not a lowbit file: a safetensors file without lowbit's metadata "
-            "(__metadata__.format is not 'lowbit')",
+            f"(no __metadata__.{FORMAT_NAME})",
             "load plain safetensors files with "
             "safetensors.torch.load_file, or save the quantized model with lowbit.save",
         )
     try:
-        data = json.loads(meta["header"])
-    except (TypeError, json.JSONDecodeError) as err:
-        raise _fail(path, f"__metadata__.header is not valid JSON ({err})", _RESAVE) from None
-    if not isinstance(data, dict):
-        raise _fail(path, "__metadata__.header is not a JSON object", _RESAVE)
+        data = json.loads(meta[FORMAT_NAME])
+    except json.JSONDecodeError as err:
+        raise _fail(path, f"__metadata__.lowbit is not valid JSON ({err})", _RESAVE) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise _fail(path, "__metadata__.lowbit is not a lowbit header object (corrupted)", _RESAVE)
     version = data.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise _fail(
             path,
-            f"__metadata__.header.format_version={version!r} is not a positive integer (corrupted)",
+            f"__metadata__.lowbit.format_version={version!r} is not a positive integer (corrupted)",
             _RESAVE,
         )
     if version not in SUPPORTED_VERSIONS:

@@ -101,6 +101,28 @@ def _take(header: Header, tensors: dict[str, torch.Tensor], key: str) -> torch.T
     return tensors[key]
 
 
+def _zero_point(
+    header: Header,
+    quantizer: Quantizer,
+    tensors: dict[str, torch.Tensor],
+    key: str,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """The int32 zero point: stored as is, packed at the dtype's width (uint8), or left out
+    of the file when the spec is symmetric (all zeros)."""
+    zkey = f"{key}.zero_point"
+    if zkey not in tensors and quantizer.spec.symmetric:
+        return torch.zeros(scale.shape, dtype=torch.int32)
+    zero = _take(header, tensors, zkey)
+    if zero.dtype == torch.uint8:
+        try:
+            flat = unpack_bits(zero, quantizer.spec.qdtype, scale.numel())
+        except ValueError as err:
+            raise _mismatch(header, f"{zkey}: {err}", "re-save the model") from None
+        zero = flat.reshape(scale.shape).to(torch.int32)
+    return zero
+
+
 def _set_qparams(
     header: Header,
     quantizer: Quantizer,
@@ -111,7 +133,7 @@ def _set_qparams(
     """Fixed qparams from the file (``shape`` None: no shape check), observing switched off."""
     if not quantizer.spec.dynamic:
         scale = _take(header, tensors, f"{key}.scale")
-        zero = _take(header, tensors, f"{key}.zero_point")
+        zero = _zero_point(header, quantizer, tensors, key, scale)
         if shape is not None and (tuple(scale.shape) != shape or tuple(zero.shape) != shape):
             raise _mismatch(
                 header,
@@ -224,7 +246,11 @@ def rebuild(header: Header, tensors: dict[str, torch.Tensor], model: nn.Module) 
         _freeze(header, info.name, layers[info.name], info, tensors)
     state = dict(tensors)
     for name, layer in layers.items():
+        pre = f"{name}." if name else ""
         if layer.frozen:
-            state[(f"{name}." if name else "") + "qweight"] = layer.qweight
+            state[pre + "qweight"] = layer.qweight
+        wq = layer.weight_quantizer
+        if wq is not None and wq.zero_point is not None:
+            state[pre + "weight_quantizer.zero_point"] = wq.zero_point
     _load_rest(header, out, state)
     return out

@@ -125,8 +125,8 @@ def inspect(path: str | Path) -> list[LayerRow]:
     >>> q = quantize(torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False)), "w4a16")
     >>> with tempfile.TemporaryDirectory() as d:
     ...     rows = inspect(save(q, f"{d}/m"))
-    >>> [(r.name, r.dtype, r.bits, r.granularity, r.bytes) for r in rows]  # 256 + 2 * 64 qparams
-    [('0', 'int4', 4, 'per_group:32', 384)]
+    >>> [(r.name, r.dtype, r.bits, r.granularity, r.bytes) for r in rows]  # 256 + 64 + 8
+    [('0', 'int4', 4, 'per_group:32', 328)]
     """
     return summarize(path).rows
 

@@ -27,9 +27,9 @@ def _rewrite_header(src: Path, dst: Path, edit: Callable[[dict], None]) -> Path:
     """Re-save ``src``'s tensors with an edited lowbit header (the checksum stays valid)."""
     with safe_open(str(src), framework="pt") as f:
         meta = dict(f.metadata())
-    header = json.loads(meta["header"])
+    header = json.loads(meta["lowbit"])
     edit(header)
-    meta["header"] = json.dumps(header)
+    meta["lowbit"] = json.dumps(header)
     save_file(load_file(src), str(dst), metadata=meta)
     return dst
 
@@ -137,12 +137,12 @@ def test_missing_tensor_key(saved_w8a8: tuple[nn.Module, Path], tmp_path: Path) 
         meta = dict(f.metadata())
     tensors = load_file(src)
     del tensors["fc1.weight_quantizer.scale"]
-    header = json.loads(meta["header"])
+    header = json.loads(meta["lowbit"])
     digest = lowbit.export.header.checksum(
         (k, lowbit.export.checkpoint._raw(v.contiguous())) for k, v in tensors.items()
     )
     header["checksum"]["value"] = digest
-    meta["header"] = json.dumps(header)
+    meta["lowbit"] = json.dumps(header)
     path = tmp_path / "m.lowbit"
     save_file(tensors, str(path), metadata=meta)
     assert "missing key 'fc1.weight_quantizer.scale'" in _load_error(path)

@@ -133,8 +133,9 @@ def test_w4a16_file_size_is_the_packed_size(tmp_path: Path) -> None:
     fp32 = sum(p.numel() for p in BigNet().parameters()) * 4
     assert abs(size - theory) / theory < 0.03, (size, theory)
     assert size < fp32 / 5, (size, fp32)
-    # theory by hand: int4 weights, per-group-32 fp32 scale + int32 zero point, fp32 bias
-    by_hand = 3 * (512 * 512 // 2 + 2 * 4 * 512 * (512 // 32) + 4 * 512)
+    # by hand: int4 weights, per-group-32 fp32 scales and int4 zero points, fp32 bias
+    groups = 512 * (512 // 32)
+    by_hand = 3 * (512 * 512 // 2 + 4 * groups + groups // 2 + 4 * 512)
     assert theory == by_hand
     back = load(path, BigNet())
     x = torch.randn(4, 512)
@@ -152,6 +153,25 @@ def test_weights_are_packed_at_their_width(recipe: str, per_byte: int, tmp_path:
     assert entry.nbytes == math.ceil(512 * 512 / per_byte)
     with safe_open(str(path), framework="pt") as f:
         assert f.get_tensor("0.qweight").numel() == 512 * 512 // per_byte
+
+
+@pytest.mark.parametrize(("recipe", "stored"), [("w8a16", None), ("w4a16", 4), ("w2a8", 2)])
+def test_weight_zero_points_cost_their_bits_only(
+    recipe: str, stored: int | None, tmp_path: Path
+) -> None:
+    """Symmetric zero points are all zero and left out; asymmetric ones are packed at the
+    weight's width, not stored as int32."""
+    torch.manual_seed(0)
+    q = quantize(BigNet(), recipe, data=[torch.randn(16, 512)])
+    header = read_header(save(q, tmp_path / "big.lowbit"))
+    key = "0.weight_quantizer.zero_point"
+    if stored is None:
+        assert key not in header.tensors
+        assert not q[0].weight_quantizer.zero_point.any()
+    else:
+        groups = q[0].weight_quantizer.zero_point.numel()
+        assert header.tensors[key].dtype == "U8"
+        assert header.tensors[key].nbytes == math.ceil(groups * stored / 8)
 
 
 def test_file_is_safetensors_not_pickle(saved_w8a8: tuple[nn.Module, Path]) -> None:

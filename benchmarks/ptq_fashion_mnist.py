@@ -1,0 +1,146 @@
+"""PTQ on Fashion-MNIST: lowbit recipes next to torch.ao's static and dynamic int8, same data.
+
+    .venv/bin/python benchmarks/ptq_fashion_mnist.py [--recipes w8a8,w8a8-dynamic] [--out F]
+
+Prints one table and writes JSON (default: out/bench/ptq_fashion_mnist.json). Every row uses the
+same cached FP32 SmallResNet, the same 512 calibration images from the training set and the full
+10k test set. Quantization time is wall-clock on this machine (torch threads as shown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from lowbit.data import (
+    calibration_batches,
+    load_fashion_mnist,
+    pretrained_resnet_fashion_mnist,
+)
+from lowbit.demo import DEMO_RECIPES, evaluate_recipe
+from lowbit.report.metrics import sqnr_db
+
+
+def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + 1000]) for i in range(0, len(x), 1000)])
+
+
+def torch_ao_static(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
+    """torch.ao FX graph mode, x86 backend: int8 per-channel weights, uint8 static activations."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    prepared = prepare_fx(model.eval(), get_default_qconfig_mapping("x86"), (calibration[0],))
+    with torch.no_grad():
+        for batch in calibration:
+            prepared(batch)
+    return convert_fx(prepared)
+
+
+def torch_ao_dynamic(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
+    """torch.ao dynamic int8 (only Linear layers are supported by it; convs stay float)."""
+    return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default=",".join(DEMO_RECIPES))
+    parser.add_argument("--out", default="out/bench/ptq_fashion_mnist.json")
+    parser.add_argument("--calibration-images", type=int, default=512)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+    model = pretrained_resnet_fashion_mnist(progress=True).eval()
+    train_x, _ = load_fashion_mnist("train")
+    test_x, test_y = load_fashion_mnist("test")
+    calibration = list(calibration_batches(train_x, n=args.calibration_images))
+    fp32_logits = logits_of(model, test_x)
+    fp32_acc = float((fp32_logits.argmax(1) == test_y).float().mean())
+    fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+    rows = []
+    for recipe in args.recipes.split(","):
+        r = evaluate_recipe(
+            model,
+            recipe,
+            calibration,
+            (test_x, test_y),
+            (fp32_acc, fp32_logits, fp32_bytes),
+            out.parent,
+        )
+        rows.append(
+            {
+                "toolkit": "lowbit",
+                "method": recipe,
+                "accuracy": r.accuracy,
+                "delta_points": r.delta_points,
+                "sqnr_db": r.sqnr_db,
+                "quantize_seconds": r.quantize_seconds,
+                "file_bytes": r.file_bytes,
+            }
+        )
+    for name, fn in (
+        ("static int8 (fx, x86)", torch_ao_static),
+        ("dynamic int8 (Linear only)", torch_ao_dynamic),
+    ):
+        start = time.perf_counter()
+        qmodel = fn(model, calibration)
+        seconds = time.perf_counter() - start
+        logits = logits_of(qmodel, test_x)
+        acc = float((logits.argmax(1) == test_y).float().mean())
+        rows.append(
+            {
+                "toolkit": "torch.ao",
+                "method": name,
+                "accuracy": acc,
+                "delta_points": 100 * (acc - fp32_acc),
+                "sqnr_db": sqnr_db(fp32_logits, logits),
+                "quantize_seconds": seconds,
+                "file_bytes": None,
+            }
+        )
+
+    table = Table(title=f"Fashion-MNIST SmallResNet PTQ (fp32 top-1 {100 * fp32_acc:.2f}%)")
+    for col in ("toolkit", "method", "top-1 %", "Δ pts", "SQNR dB", "quantize s", "file KiB"):
+        table.add_column(col)
+    for r in rows:
+        size = f"{r['file_bytes'] / 1024:.1f}" if r["file_bytes"] else "—"
+        table.add_row(
+            r["toolkit"],
+            r["method"],
+            f"{100 * r['accuracy']:.2f}",
+            f"{r['delta_points']:+.2f}",
+            f"{r['sqnr_db']:.1f}",
+            f"{r['quantize_seconds']:.2f}",
+            size,
+        )
+    Console(width=140).print(table)
+    payload = {
+        "fp32_accuracy": fp32_acc,
+        "fp32_param_bytes": fp32_bytes,
+        "calibration_images": args.calibration_images,
+        "torch_threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
