@@ -316,3 +316,30 @@ def test_quantized_linear_matches_functional() -> None:
     with torch.no_grad():
         expected = F.linear(q.input_quantizer(x), q.quantized_weight(), layer.bias)
         torch.testing.assert_close(q(x), expected)
+
+
+@pytest.mark.parametrize(
+    ("layer", "bad_shape", "words"),
+    [
+        (nn.Linear(8, 4), (2, 5), ["fc", "8 features", "(2, 5)"]),
+        (nn.Conv2d(3, 4, 3), (2, 5, 8, 8), ["fc", "C=3", "H, W", "(2, 5, 8, 8)"]),
+        (nn.Conv2d(3, 4, 3), (8, 8), ["fc", "C=3", "(8, 8)"]),
+        (nn.Conv1d(2, 4, 3), (1, 3, 9), ["fc", "C=2", "W)", "(1, 3, 9)"]),
+    ],
+)
+def test_wrong_input_shape_names_the_layer_and_the_shape(
+    layer: nn.Module, bad_shape: tuple[int, ...], words: list[str]
+) -> None:
+    qcls = qmodule_class(layer)
+    assert qcls is not None
+    q = qcls.from_float(layer, W8_CHANNEL, QuantSpec("int8", dynamic=True), name="fc")
+    with pytest.raises(ValueError) as err:
+        q(torch.randn(bad_shape))
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_unbatched_conv_input_still_works() -> None:
+    q = QConv2d.from_float(nn.Conv2d(3, 4, 3), W8_CHANNEL)
+    assert q(torch.randn(3, 8, 8)).shape == (4, 6, 6)
+    assert q.label == "Conv2d"  # from_float without a name: the float class names it

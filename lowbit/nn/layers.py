@@ -38,6 +38,24 @@ class QLinear(QModule, nn.Linear):  # type: ignore[misc]  # Linear infers bias a
     ) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{self.label}: expected an input with {self.in_features} features in its "
+                f"last dimension, got shape {tuple(x.shape)}; feed the model inputs of the "
+                "shape it was built for"
+            )
+
+
+def _check_conv_input(layer: nn.modules.conv._ConvNd, name: str, x: torch.Tensor) -> None:
+    dims = len(layer.kernel_size)  # 1 for Conv1d, 2 for Conv2d
+    if x.ndim not in (dims + 1, dims + 2) or x.shape[-dims - 1] != layer.in_channels:
+        raise ValueError(
+            f"{name}: expected an (N, C={layer.in_channels}, "
+            f"{', '.join('HW'[2 - dims :])}) input, got shape {tuple(x.shape)}; feed the model "
+            "inputs of the shape it was built for"
+        )
+
 
 def _conv_args(module: nn.Module) -> dict[str, Any]:
     assert isinstance(module, nn.modules.conv._ConvNd)
@@ -74,6 +92,9 @@ class QConv2d(QModule, nn.Conv2d):
     ) -> torch.Tensor:
         return self._conv_forward(x, weight, bias)
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        _check_conv_input(self, self.label, x)
+
 
 @register_qmodule(nn.Conv1d)
 class QConv1d(QModule, nn.Conv1d):
@@ -94,3 +115,6 @@ class QConv1d(QModule, nn.Conv1d):
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         return self._conv_forward(x, weight, bias)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        _check_conv_input(self, self.label, x)

@@ -78,6 +78,7 @@ class QModule(nn.Module):
     frozen: bool
     qweight: torch.Tensor
     qbias: torch.Tensor
+    layer_name: str = ""  # the qualified name prepare() found it under; "" when built by hand
 
     @classmethod
     def from_float(
@@ -100,7 +101,16 @@ class QModule(nn.Module):
         qmod.weight_quantizer = Quantizer(weight) if weight is not None else None
         qmod.input_quantizer = Quantizer(input) if input is not None else None
         qmod.frozen = False
+        qmod.layer_name = label
         return qmod
+
+    @property
+    def label(self) -> str:
+        """The layer's qualified name in its model, or its class name when it has none."""
+        return self.layer_name or type(self).__name__
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming the layer when ``x`` cannot be this layer's input."""
 
     @classmethod
     def _float_args(cls, module: nn.Module) -> dict[str, Any]:
@@ -181,6 +191,7 @@ class QModule(nn.Module):
         self.frozen = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return self._forward_with(x, self.quantized_weight(), self.effective_bias())
