@@ -72,8 +72,26 @@ def _conv_args(module: nn.Module) -> dict[str, Any]:
     }
 
 
+class _QConvNd(QModule):
+    """What QConv1d and QConv2d share: float args, the conv call and the input check."""
+
+    @classmethod
+    def _float_args(cls, module: nn.Module) -> dict[str, Any]:
+        return _conv_args(module)
+
+    def _forward_with(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        assert isinstance(self, nn.modules.conv._ConvNd)
+        return self._conv_forward(x, weight, bias)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        assert isinstance(self, nn.modules.conv._ConvNd)
+        _check_conv_input(self, self.label, x)
+
+
 @register_qmodule(nn.Conv2d)
-class QConv2d(QModule, nn.Conv2d):
+class QConv2d(_QConvNd, nn.Conv2d):
     """A Conv2d (grouped and depthwise included) with quantized weight and input.
 
     >>> import torch
@@ -83,21 +101,9 @@ class QConv2d(QModule, nn.Conv2d):
     torch.Size([1, 4, 6, 6])
     """
 
-    @classmethod
-    def _float_args(cls, module: nn.Module) -> dict[str, Any]:
-        return _conv_args(module)
-
-    def _forward_with(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        return self._conv_forward(x, weight, bias)
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        _check_conv_input(self, self.label, x)
-
 
 @register_qmodule(nn.Conv1d)
-class QConv1d(QModule, nn.Conv1d):
+class QConv1d(_QConvNd, nn.Conv1d):
     """A Conv1d with quantized weight and input.
 
     >>> import torch
@@ -106,15 +112,3 @@ class QConv1d(QModule, nn.Conv1d):
     >>> q(torch.randn(1, 2, 10)).shape
     torch.Size([1, 3, 8])
     """
-
-    @classmethod
-    def _float_args(cls, module: nn.Module) -> dict[str, Any]:
-        return _conv_args(module)
-
-    def _forward_with(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        return self._conv_forward(x, weight, bias)
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        _check_conv_input(self, self.label, x)
