@@ -81,11 +81,22 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _build_model(factory: str, weights: str | None) -> nn.Module:
     make = import_object(factory)
-    model = make() if callable(make) and not isinstance(make, nn.Module) else make
+    try:
+        model = make() if callable(make) and not isinstance(make, nn.Module) else make
+    except TypeError as err:
+        raise UsageError(f"{factory!r} must be callable with no arguments ({err})") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"{factory!r} returned {type(model).__name__}, not a torch nn.Module")
     if weights:
-        result = model.load_state_dict(load_state_dict_file(weights), strict=False)
+        try:
+            result = model.load_state_dict(load_state_dict_file(weights), strict=False)
+        except RuntimeError as err:  # torch lists every size mismatch on its own line
+            details = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+            raise UsageError(
+                f"weights {weights!r} do not fit {type(model).__name__}: "
+                f"{details[0] if details else err}"
+                + (f" (and {len(details) - 1} more)" if len(details) > 1 else "")
+            ) from None
         if result.missing_keys or result.unexpected_keys:
             raise UsageError(
                 f"weights {weights!r} do not fit {type(model).__name__}: missing "

@@ -36,6 +36,9 @@ USER_MODULE = textwrap.dedent(
 
     def not_a_model():
         return 42
+
+    def needs_args(width):
+        return nn.Linear(width, width)
     """
 )
 
@@ -137,12 +140,19 @@ def test_quantize_with_weights_file(workdir: Path, tmp_path: Path):
         ),
         (["inspect", "missing.lowbit"], "missing.lowbit"),
         (["quantize", "--model", "nocolon", "--out", "x.lowbit"], "MODULE:NAME"),
+        (["quantize", "--model", "MOD:needs_args", "--out", "x.lowbit"], "no arguments"),
+        (
+            ["quantize", "--model", "MOD:create", "--weights", "small.safetensors", "--out", "x"],
+            "size mismatch for 0.weight",
+        ),
     ],
 )
 def test_user_mistakes_print_one_line(
     workdir: Path, capsys: pytest.CaptureFixture[str], argv: list[str], needle: str
 ):
     argv = [a.replace("MOD", workdir.name) for a in argv]
+    small = {"0.weight": torch.zeros(2, 1, 3, 3), "0.bias": torch.zeros(2)}  # wrong sizes
+    save_file(small, str(workdir.parent / "small.safetensors"))
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err
