@@ -1,11 +1,12 @@
-"""PTQ on Fashion-MNIST: lowbit recipes next to torch.ao's static and dynamic int8, same data.
+"""PTQ on Fashion-MNIST: lowbit recipes next to torch.ao and onnxruntime int8, same data.
 
     .venv/bin/python benchmarks/ptq_fashion_mnist.py [--recipes w8a8,w8a8-dynamic] [--out F]
 
 Prints one table and writes JSON (default: out/bench/ptq_fashion_mnist.json). Every row uses the
 same cached FP32 SmallResNet, the same 512 calibration images from the training set and the full
 10k test set. Quantization time is wall-clock on this machine (torch threads as shown). File
-size: the .lowbit file for lowbit, torch.save of the state dict for torch.ao.
+size: the .lowbit file for lowbit, torch.save of the state dict for torch.ao, the quantized
+.onnx file for onnxruntime (its quantization time includes the ONNX export).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -60,6 +63,60 @@ def torch_ao_static(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Mod
 def torch_ao_dynamic(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
     """torch.ao dynamic int8 (only Linear layers are supported by it; convs stay float)."""
     return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def onnxruntime_static(
+    model: nn.Module, calibration: list[torch.Tensor], folder: Path
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """onnxruntime quantize_static: QDQ, int8 per-channel weights, uint8 activations (min-max).
+
+    Returns a function from inputs to logits and the quantized .onnx file's size in bytes.
+    """
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"x": batch.numpy()}
+
+    float_path, pre_path, q_path = (folder / f"{n}.onnx" for n in ("fp32", "pre", "int8"))
+    torch.onnx.export(
+        model.eval(),
+        (calibration[0],),
+        str(float_path),
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+        dynamo=False,
+    )
+    quant_pre_process(str(float_path), str(pre_path))
+    quantize_static(
+        str(pre_path),
+        str(q_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    session = ort.InferenceSession(str(q_path), providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+    return run, q_path.stat().st_size
 
 
 def main() -> None:
@@ -122,6 +179,26 @@ def main() -> None:
                 "file_bytes": torch_save_bytes(qmodel),
             }
         )
+
+    try:
+        start = time.perf_counter()
+        run, size = onnxruntime_static(model, calibration, out.parent)
+        seconds = time.perf_counter() - start
+        logits = torch.cat([run(test_x[i : i + 1000]) for i in range(0, len(test_x), 1000)])
+        acc = float((logits.argmax(1) == test_y).float().mean())
+        rows.append(
+            {
+                "toolkit": "onnxruntime",
+                "method": "static QDQ (w int8 per-channel, a uint8)",
+                "accuracy": acc,
+                "delta_points": 100 * (acc - fp32_acc),
+                "sqnr_db": sqnr_db(fp32_logits, logits),
+                "quantize_seconds": seconds,
+                "file_bytes": size,
+            }
+        )
+    except ImportError as err:
+        print(f"onnxruntime rows skipped: {err} (pip install onnx onnxruntime)")
 
     table = Table(title=f"Fashion-MNIST SmallResNet PTQ (fp32 top-1 {100 * fp32_acc:.2f}%)")
     for col in ("toolkit", "method", "top-1 %", "Δ pts", "SQNR dB", "quantize s", "file KiB"):
