@@ -272,10 +272,17 @@ def fake_quantize(
     ([0.5, 3.5], [1.0, 0.0])
     """
     gran = granularity or PerTensor()
-    out: torch.Tensor = _FakeQuantSTE.apply(
-        x, scale.detach(), zero_point.detach(), dtype, gran, rounding, generator
-    )
-    return out
+    if torch.is_grad_enabled() and x.requires_grad:
+        out: torch.Tensor = _FakeQuantSTE.apply(
+            x, scale.detach(), zero_point.detach(), dtype, gran, rounding, generator
+        )
+        return out
+    # Inference: the same arithmetic in place, without the clipping mask the gradient needs.
+    view, s, restore = _broadcast(x, scale, gran)
+    _, z, _ = _broadcast(x, zero_point, gran)
+    q = _round(view / s, rounding, generator)
+    q.add_(z).clamp_(dtype.qmin, dtype.qmax).sub_(z).mul_(s)
+    return restore(q).to(x.dtype)
 
 
 def pack_bits(q: torch.Tensor, dtype: QDtype) -> torch.Tensor:

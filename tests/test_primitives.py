@@ -173,6 +173,27 @@ def test_fake_quantize_equals_dequantize_of_quantize(case, rounding: str, seed: 
     assert fq.dtype == x.dtype and torch.equal(fq, expected)
 
 
+@FAST
+@given(cases(), st.sampled_from(["nearest", "stochastic"]), st.integers(0, 1000))
+def test_inference_path_matches_the_autograd_path_bit_for_bit(
+    case, rounding: str, seed: int
+) -> None:
+    """Without a gradient, fake_quantize takes an in-place path; its numbers are the same."""
+    x, dtype, symmetric, gran = case
+    scale, zero = qparams_for(x, dtype, symmetric, gran)
+    leaf = (x * 1.3).requires_grad_(True)
+    with_grad = fake_quantize(
+        leaf, scale, zero, dtype, gran, rounding, torch.Generator().manual_seed(seed)
+    )
+    with torch.no_grad():
+        without = fake_quantize(
+            leaf, scale, zero, dtype, gran, rounding, torch.Generator().manual_seed(seed)
+        )
+    assert with_grad.requires_grad and not without.requires_grad
+    assert torch.equal(with_grad.detach(), without)
+    assert torch.equal(leaf.detach(), x * 1.3)  # the input is never modified in place
+
+
 def test_asymmetric_non_negative_data_uses_the_whole_grid() -> None:
     x = torch.linspace(0.0, 3.0, 16)
     scale, zero = qparams_for(x, QDtype(4, False), False, PerTensor())
