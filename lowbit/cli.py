@@ -113,7 +113,7 @@ def _build_data(spec: str) -> Iterable[Any]:
     return list(data) if not isinstance(data, list) else data
 
 
-def cmd_quantize(args: argparse.Namespace, console: Console) -> None:
+def _cmd_quantize(args: argparse.Namespace, console: Console) -> None:
     from lowbit.api import quantize
     from lowbit.export import save
 
@@ -143,7 +143,7 @@ def _top1(model: nn.Module, data: Iterable[Any]) -> tuple[float, int]:
     return correct / total, total
 
 
-def cmd_eval(args: argparse.Namespace, console: Console) -> None:
+def _cmd_eval(args: argparse.Namespace, console: Console) -> None:
     from lowbit.export import load
 
     model = _build_model(args.model, None)
@@ -152,13 +152,13 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> None:
     console.print(f"top-1 accuracy: {100 * acc:.2f}% on {total} examples")
 
 
-def cmd_inspect(args: argparse.Namespace, console: Console) -> None:
+def _cmd_inspect(args: argparse.Namespace, console: Console) -> None:
     from lowbit.export import print_inspect
 
     print_inspect(args.file, console=console)
 
 
-def cmd_recipes(args: argparse.Namespace, console: Console) -> None:
+def _cmd_recipes(args: argparse.Namespace, console: Console) -> None:
     from lowbit.config import list_recipes
 
     table = Table(title="shipped recipes")
@@ -169,7 +169,7 @@ def cmd_recipes(args: argparse.Namespace, console: Console) -> None:
     console.print(table)
 
 
-def cmd_demo(args: argparse.Namespace, console: Console) -> None:
+def _cmd_demo(args: argparse.Namespace, console: Console) -> None:
     from lowbit.demo import run_demo
 
     run_demo(
@@ -197,26 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", default="w8a8", help="shipped name or YAML path")
     q.add_argument("--num-batches", type=int, default=None, help="calibration batches to use")
     q.add_argument("--out", required=True, help="output .lowbit file")
-    q.set_defaults(run=cmd_quantize)
+    q.set_defaults(run=_cmd_quantize)
 
     e = sub.add_parser("eval", help="top-1 accuracy of a .lowbit file on (inputs, labels)")
     e.add_argument("--model", required=True, help="MOD:FACTORY of the float architecture")
     e.add_argument("--quantized", required=True, help=".lowbit file")
     e.add_argument("--data", required=True, help="MOD:CALLABLE returning (inputs, labels)")
-    e.set_defaults(run=cmd_eval)
+    e.set_defaults(run=_cmd_eval)
 
     i = sub.add_parser("inspect", help="per-layer table of a .lowbit file")
     i.add_argument("file")
-    i.set_defaults(run=cmd_inspect)
+    i.set_defaults(run=_cmd_inspect)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
-    r.set_defaults(run=cmd_recipes)
+    r.set_defaults(run=_cmd_recipes)
 
     d = sub.add_parser("demo", help="quantize a Fashion-MNIST ResNet with several recipes")
     d.add_argument("--recipes", help="comma-separated recipe names (default: the main set)")
     d.add_argument("--out-dir", default="out/demo", help="where the .lowbit files go")
     d.add_argument("--calibration-images", type=int, default=512)
-    d.set_defaults(run=cmd_demo)
+    d.set_defaults(run=_cmd_demo)
     return parser
 
 

@@ -85,6 +85,16 @@ def evaluate_recipe(
     """Quantize ``model`` with ``recipe``, save, load into a fresh copy, evaluate on ``test``.
 
     ``reference`` is (fp32 accuracy, fp32 logits on ``test``, fp32 file bytes).
+
+    >>> import tempfile
+    >>> net = torch.nn.Sequential(torch.nn.Linear(16, 4)).eval()
+    >>> x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    >>> logits = net(x).detach()
+    >>> acc = float((logits.argmax(1) == y).float().mean())
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     row = evaluate_recipe(net, "w8a8", [x[:32]], (x, y), (acc, logits, 400), Path(d))
+    >>> row.recipe, row.sqnr_db > 30, abs(row.delta_points) < 5
+    ('w8a8', True, True)
     """
     fp32_acc, fp32_logits, fp32_bytes = reference
     start = time.perf_counter()
