@@ -15,7 +15,13 @@ from tqdm.auto import tqdm
 
 from lowbit.config import ALGORITHMS, Recipe, RecipeError, load_recipe
 from lowbit.fuse import FoldPair, find_foldable, fold_batchnorm
-from lowbit.nn import QMODULES, QModule, qmodule_class
+from lowbit.nn import (
+    QMODULES,
+    QModule,
+    disable_fused_path,
+    kept_float_by_parent,
+    qmodule_class,
+)
 
 __all__ = [
     "PreparedInfo",
@@ -97,11 +103,21 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
         info.folds = fold_batchnorm(model, pairs)
         for note in info.notes:
             logger.info("batch-norm folding: %s", note)
-    candidates = [(n, m) for n, m in model.named_modules() if qmodule_class(m) is not None]
+    kept_float = kept_float_by_parent(model)
+    candidates = [
+        (n, m)
+        for n, m in model.named_modules()
+        if qmodule_class(m) is not None and n not in kept_float
+    ]
+    for name, reason in kept_float.items():
+        if qmodule_class(model.get_submodule(name)) is not None:
+            info.notes.append(f"{name}: kept in float ({reason})")
     if not candidates:
         supported = ", ".join(sorted(cls.__name__ for cls in QMODULES))
+        why_not = f"; {info.notes[0]}" if info.notes else ""
         raise TypeError(
             f"{type(model).__name__} has no layer lowbit can quantize (supported: {supported})"
+            + why_not
         )
     _check_rules(recipe, [n for n, _ in candidates])
     for name, module in candidates:
@@ -111,6 +127,7 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
         qcls = qmodule_class(module)
         assert qcls is not None
         model.set_submodule(name, qcls.from_float(module, config.weight, config.input, name))
+    info.notes += disable_fused_path(model, set(quantized_layers(model)))
     setattr(model, INFO_ATTR, info)
     return model
 

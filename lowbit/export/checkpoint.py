@@ -244,6 +244,7 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
 
     ``model`` is a float model of the same architecture (untrained weights are fine); it is
     not modified. The file is checked (header, bounds, format version, sha256) before use.
+    The model comes back in eval mode, ready for inference (dropout off, batch norms frozen).
 
     >>> import tempfile, torch
     >>> from lowbit.api import quantize
@@ -258,7 +259,7 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
     """
     header = read_header(path)
     tensors = _read_tensors(header)
-    return rebuild(header, tensors, model)
+    return rebuild(header, tensors, model).eval()
 
 
 def theoretical_size(model: nn.Module) -> int:
