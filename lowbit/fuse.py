@@ -228,6 +228,8 @@ def find_foldable(model: nn.Module) -> tuple[list[FoldPair], list[str]]:
     >>> notes
     ["batch norm '3' not folded: it follows '2', a ReLU, not a Conv1d/Conv2d/Conv3d/Linear"]
     """
+    if next(_norm_names(model), None) is None:
+        return [], []  # nothing to fold: no need to trace (nor to warn that tracing failed)
     aliases = _alias_counts(model)
     notes: list[str] = []
     try:

@@ -325,3 +325,19 @@ def test_bad_pairs_raise_clear_errors_and_change_nothing() -> None:
 def test_docstring_examples_run() -> None:
     result = doctest.testmod(lowbit.fuse)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_model_without_batch_norm_is_not_traced(caplog: pytest.LogCaptureFixture) -> None:
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+                return self.fc(x)
+            return -self.fc(x)
+
+    with caplog.at_level("INFO", logger="lowbit.fuse"):
+        assert find_foldable(Untraceable()) == ([], [])
+    assert not caplog.records  # nothing to fold, so no warning about tracing
