@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -32,6 +30,7 @@ from lowbit.data import (
     pretrained_resnet_fashion_mnist,
 )
 from lowbit.demo import DEMO_RECIPES, evaluate_recipe
+from lowbit.export import write_json
 from lowbit.report.metrics import sqnr_db
 
 
@@ -222,9 +221,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
     }
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, out)
+    write_json(out, payload)
     print(f"wrote {out}")
 
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -24,7 +21,7 @@ from lowbit.data import (
     pretrained_resnet_fashion_mnist,
     save_weights,
 )
-from lowbit.export import load, save
+from lowbit.export import load, save, write_json
 from lowbit.report.metrics import sqnr_db
 
 __all__ = ["DemoRow", "DEMO_RECIPES", "run_demo", "evaluate_recipe", "scrambled_copy"]
@@ -137,13 +134,6 @@ def _table(rows: list[DemoRow], fp32_acc: float, fp32_bytes: int) -> Table:
     return table
 
 
-def _write_json(path: Path, payload: dict[str, object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(tmp, path)
-
-
 def run_demo(
     recipes: Sequence[str] | None = None,
     out_dir: Path = Path("out/demo"),
@@ -171,7 +161,7 @@ def run_demo(
     for recipe in tqdm(list(recipes or DEMO_RECIPES), desc="recipes"):
         rows.append(evaluate_recipe(model, recipe, calibration, test, reference, out_dir))
     console.print(_table(rows, fp32_acc, fp32_bytes))
-    _write_json(
+    write_json(
         out_dir / "results.json",
         {
             "fp32": {"accuracy": fp32_acc, "file_bytes": fp32_bytes},

@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from lowbit.data.batching import batches
 from lowbit.data.datasets import load_fashion_mnist
 from lowbit.data.zoo import SmallResNet
+from lowbit.export.atomic import atomic_path
 
 __all__ = [
     "FASHION_RESNET_RECIPE",
@@ -223,14 +223,8 @@ def save_weights(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:

@@ -1,5 +1,6 @@
 """Export converted models: packed ``.lowbit`` checkpoints (safetensors + JSON header)."""
 
+from lowbit.export.atomic import atomic_path, write_json
 from lowbit.export.checkpoint import SUFFIX, load, save, theoretical_size
 from lowbit.export.header import (
     FORMAT_NAME,
@@ -20,6 +21,7 @@ from lowbit.export.summary import (
 )
 
 __all__ = [
+    "atomic_path",
     "CheckpointError",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -37,4 +39,5 @@ __all__ = [
     "save",
     "summarize",
     "theoretical_size",
+    "write_json",
 ]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from torch import nn
 
 import lowbit
 from lowbit.api import prepared_info, quantized_layers
+from lowbit.export.atomic import atomic_path
 from lowbit.export.header import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -147,30 +146,6 @@ def _target(path: str | Path) -> Path:
     return path
 
 
-def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write to a temp file in the same folder, fsync it, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        st.save_file(tensors, tmp, metadata=metadata)
-        with tmp.open("rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not every platform can open a folder
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save(model: nn.Module, path: str | Path) -> Path:
     """Write a converted model to one packed ``.lowbit`` file, atomically; returns its path.
 
@@ -209,7 +184,8 @@ def save(model: nn.Module, path: str | Path) -> Path:
             f"{where}: the recipe cannot be written as JSON ({err}); keep recipe args to "
             "numbers, strings, lists and dicts"
         ) from None
-    _write_atomic(path, tensors, {FORMAT_NAME: text})  # one key: byte-identical files
+    with atomic_path(path) as tmp:  # one metadata key: byte-identical files
+        st.save_file(tensors, tmp, metadata={FORMAT_NAME: text})
     return path
 
 
