@@ -4,7 +4,8 @@
 
 Prints one table and writes JSON (default: out/bench/ptq_fashion_mnist.json). Every row uses the
 same cached FP32 SmallResNet, the same 512 calibration images from the training set and the full
-10k test set. Quantization time is wall-clock on this machine (torch threads as shown). File
+10k test set. Quantization and evaluation (10k images, batches of 1000) times are wall-clock on
+this machine (torch threads as shown). File
 size: the .lowbit file for lowbit, torch.save of the state dict for torch.ao, the quantized
 .onnx file for onnxruntime (its quantization time includes the ONNX export).
 """
@@ -29,14 +30,9 @@ from lowbit.data import (
     load_fashion_mnist,
     pretrained_resnet_fashion_mnist,
 )
-from lowbit.demo import DEMO_RECIPES, evaluate_recipe
+from lowbit.demo import DEMO_RECIPES, batched_logits, evaluate_recipe
 from lowbit.export import write_json
 from lowbit.report.metrics import sqnr_db
-
-
-def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(x[i : i + 1000]) for i in range(0, len(x), 1000)])
 
 
 def torch_save_bytes(model: nn.Module) -> int:
@@ -133,11 +129,41 @@ def main() -> None:
     train_x, _ = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
     calibration = list(calibration_batches(train_x, n=args.calibration_images))
-    fp32_logits = logits_of(model, test_x)
+    start = time.perf_counter()
+    fp32_logits = batched_logits(model, test_x)
+    fp32_eval = time.perf_counter() - start
     fp32_acc = float((fp32_logits.argmax(1) == test_y).float().mean())
     fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
-    rows = []
+    def row(toolkit: str, method: str, run: Callable, seconds: float, size: int) -> dict:
+        """Evaluate ``run`` on the test set, timed, against the FP32 logits."""
+        start = time.perf_counter()
+        logits = batched_logits(run, test_x)
+        eval_seconds = time.perf_counter() - start
+        acc = float((logits.argmax(1) == test_y).float().mean())
+        return {
+            "toolkit": toolkit,
+            "method": method,
+            "accuracy": acc,
+            "delta_points": 100 * (acc - fp32_acc),
+            "sqnr_db": sqnr_db(fp32_logits, logits),
+            "quantize_seconds": seconds,
+            "eval_seconds": eval_seconds,
+            "file_bytes": size,
+        }
+
+    rows = [
+        {
+            "toolkit": "torch",
+            "method": "fp32",
+            "accuracy": fp32_acc,
+            "delta_points": 0.0,
+            "sqnr_db": None,  # the reference itself
+            "quantize_seconds": 0.0,
+            "eval_seconds": fp32_eval,
+            "file_bytes": torch_save_bytes(model),
+        }
+    ]
     for recipe in args.recipes.split(","):
         r = evaluate_recipe(
             model,
@@ -155,6 +181,7 @@ def main() -> None:
                 "delta_points": r.delta_points,
                 "sqnr_db": r.sqnr_db,
                 "quantize_seconds": r.quantize_seconds,
+                "eval_seconds": r.eval_seconds,
                 "file_bytes": r.file_bytes,
             }
         )
@@ -165,42 +192,20 @@ def main() -> None:
         start = time.perf_counter()
         qmodel = fn(model, calibration)
         seconds = time.perf_counter() - start
-        logits = logits_of(qmodel, test_x)
-        acc = float((logits.argmax(1) == test_y).float().mean())
-        rows.append(
-            {
-                "toolkit": "torch.ao",
-                "method": name,
-                "accuracy": acc,
-                "delta_points": 100 * (acc - fp32_acc),
-                "sqnr_db": sqnr_db(fp32_logits, logits),
-                "quantize_seconds": seconds,
-                "file_bytes": torch_save_bytes(qmodel),
-            }
-        )
-
+        rows.append(row("torch.ao", name, qmodel, seconds, torch_save_bytes(qmodel)))
     try:
         start = time.perf_counter()
         run, size = onnxruntime_static(model, calibration, out.parent)
         seconds = time.perf_counter() - start
-        logits = torch.cat([run(test_x[i : i + 1000]) for i in range(0, len(test_x), 1000)])
-        acc = float((logits.argmax(1) == test_y).float().mean())
         rows.append(
-            {
-                "toolkit": "onnxruntime",
-                "method": "static QDQ (w int8 per-channel, a uint8)",
-                "accuracy": acc,
-                "delta_points": 100 * (acc - fp32_acc),
-                "sqnr_db": sqnr_db(fp32_logits, logits),
-                "quantize_seconds": seconds,
-                "file_bytes": size,
-            }
+            row("onnxruntime", "static QDQ (w int8 per-channel, a uint8)", run, seconds, size)
         )
     except ImportError as err:
         print(f"onnxruntime rows skipped: {err} (pip install onnx onnxruntime)")
 
     table = Table(title=f"Fashion-MNIST SmallResNet PTQ (fp32 top-1 {100 * fp32_acc:.2f}%)")
-    for col in ("toolkit", "method", "top-1 %", "Δ pts", "SQNR dB", "quantize s", "file KiB"):
+    columns = ("toolkit", "method", "top-1 %", "Δ pts", "SQNR dB", "quantize s", "eval s")
+    for col in (*columns, "file KiB"):
         table.add_column(col)
     for r in rows:
         size = f"{r['file_bytes'] / 1024:.1f}" if r["file_bytes"] else "—"
@@ -209,8 +214,9 @@ def main() -> None:
             r["method"],
             f"{100 * r['accuracy']:.2f}",
             f"{r['delta_points']:+.2f}",
-            f"{r['sqnr_db']:.1f}",
+            "—" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}",
             f"{r['quantize_seconds']:.2f}",
+            f"{r['eval_seconds']:.2f}",
             size,
         )
     Console(width=140).print(table)

@@ -147,7 +147,7 @@ def _cmd_eval(args: argparse.Namespace, console: Console) -> None:
     from lowbit.export import load
 
     model = _build_model(args.model, None)
-    qmodel = load(args.quantized, model).eval()
+    qmodel = load(args.quantized, model)  # in eval mode
     acc, total = _top1(qmodel, _build_data(args.data))
     console.print(f"top-1 accuracy: {100 * acc:.2f}% on {total} examples")
 

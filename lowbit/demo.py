@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +24,14 @@ from lowbit.data import (
 from lowbit.export import load, save, write_json
 from lowbit.report.metrics import sqnr_db
 
-__all__ = ["DemoRow", "DEMO_RECIPES", "run_demo", "evaluate_recipe", "scrambled_copy"]
+__all__ = [
+    "DemoRow",
+    "DEMO_RECIPES",
+    "batched_logits",
+    "run_demo",
+    "evaluate_recipe",
+    "scrambled_copy",
+]
 
 DEMO_RECIPES = ("w8a8", "w8a8-pertensor", "w8a8-dynamic", "w8a16", "w4a8", "w4a16", "w2a8")
 
@@ -40,6 +47,7 @@ class DemoRow:
     compression: float
     sqnr_db: float
     quantize_seconds: float
+    eval_seconds: float  # the loaded model over the whole test set, batches of 1000
     path: str
 
 
@@ -59,8 +67,17 @@ def scrambled_copy(model: nn.Module) -> nn.Module:
     return fresh
 
 
-def _logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    model.eval()
+def batched_logits(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 1000
+) -> torch.Tensor:
+    """Outputs of ``model`` (a module, put in eval mode, or any function) over ``x`` in batches,
+    without gradients.
+
+    >>> batched_logits(torch.nn.Linear(3, 2), torch.randn(2500, 3)).shape
+    torch.Size([2500, 2])
+    """
+    if isinstance(model, nn.Module):
+        model.eval()
     with torch.no_grad():
         return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
@@ -99,7 +116,9 @@ def evaluate_recipe(
     seconds = time.perf_counter() - start
     path = save(qmodel, out_dir / f"{recipe}.lowbit")
     loaded = load(path, scrambled_copy(model))
-    logits = _logits(loaded, test[0])
+    start = time.perf_counter()
+    logits = batched_logits(loaded, test[0])
+    eval_seconds = time.perf_counter() - start
     acc = float((logits.argmax(dim=1) == test[1]).float().mean())
     size = path.stat().st_size
     return DemoRow(
@@ -110,16 +129,25 @@ def evaluate_recipe(
         compression=fp32_bytes / size,
         sqnr_db=sqnr_db(fp32_logits, logits),
         quantize_seconds=seconds,
+        eval_seconds=eval_seconds,
         path=str(path),
     )
 
 
-def _table(rows: list[DemoRow], fp32_acc: float, fp32_bytes: int) -> Table:
+def _table(rows: list[DemoRow], fp32_acc: float, fp32_bytes: int, fp32_eval: float) -> Table:
     table = Table(title="Fashion-MNIST SmallResNet, full 10k test set")
-    for col in ("recipe", "top-1 %", "Δ pts", "file KiB", "× smaller", "SQNR dB", "quantize s"):
+    columns = ("recipe", "top-1 %", "Δ pts", "file KiB", "× smaller", "SQNR dB", "quantize s")
+    for col in (*columns, "eval s"):
         table.add_column(col, justify="left" if col == "recipe" else "right", no_wrap=True)
     table.add_row(
-        "fp32", f"{100 * fp32_acc:.2f}", "—", f"{fp32_bytes / 1024:.1f}", "1.0x", "—", "—"
+        "fp32",
+        f"{100 * fp32_acc:.2f}",
+        "—",
+        f"{fp32_bytes / 1024:.1f}",
+        "1.0x",
+        "—",
+        "—",
+        f"{fp32_eval:.2f}",
     )
     for r in rows:
         table.add_row(
@@ -130,6 +158,7 @@ def _table(rows: list[DemoRow], fp32_acc: float, fp32_bytes: int) -> Table:
             f"{r.compression:.1f}x",
             f"{r.sqnr_db:.1f}",
             f"{r.quantize_seconds:.2f}",
+            f"{r.eval_seconds:.2f}",
         )
     return table
 
@@ -153,18 +182,20 @@ def run_demo(
     train_x, _ = load_fashion_mnist("train")
     test = load_fashion_mnist("test")
     calibration = list(calibration_batches(train_x, n=calibration_images))
-    fp32_logits = _logits(model, test[0])
+    start = time.perf_counter()
+    fp32_logits = batched_logits(model, test[0])
+    fp32_eval = time.perf_counter() - start
     fp32_acc = float((fp32_logits.argmax(dim=1) == test[1]).float().mean())
     fp32_bytes = _fp32_bytes(model, out_dir)
     reference = (fp32_acc, fp32_logits, fp32_bytes)
     rows = []
     for recipe in tqdm(list(recipes or DEMO_RECIPES), desc="recipes"):
         rows.append(evaluate_recipe(model, recipe, calibration, test, reference, out_dir))
-    console.print(_table(rows, fp32_acc, fp32_bytes))
+    console.print(_table(rows, fp32_acc, fp32_bytes, fp32_eval))
     write_json(
         out_dir / "results.json",
         {
-            "fp32": {"accuracy": fp32_acc, "file_bytes": fp32_bytes},
+            "fp32": {"accuracy": fp32_acc, "file_bytes": fp32_bytes, "eval_seconds": fp32_eval},
             "calibration_images": calibration_images,
             "torch_threads": torch.get_num_threads(),
             "rows": [asdict(r) for r in rows],

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lowbit.spec import QDtype
+
 __all__ = [
     "CheckpointError",
     "FORMAT_NAME",
@@ -90,17 +92,11 @@ class LayerInfo:
     qbias: bool
 
     def to_json(self) -> dict[str, Any]:
-        """The header's JSON object for this layer (dtype/bits/granularity repeated for tools)."""
-        spec = self.weight_spec or {}
-        dtype = spec.get("dtype")
+        """The header's JSON object for this layer."""
         return {
             "name": self.name,
             "class": self.layer_class,
             "weight_shape": list(self.weight_shape),
-            "dtype": dtype,
-            "bits": _bits_of(dtype),
-            "signed": None if dtype is None else not str(dtype).startswith("u"),
-            "granularity": spec.get("granularity"),
             "weight_spec": self.weight_spec,
             "input": self.input_spec,
             "qbias": self.qbias,
@@ -114,15 +110,7 @@ class LayerInfo:
     @property
     def bits(self) -> int:
         """Weight bits (32 for a float weight)."""
-        if self.weight_spec is None:
-            return 32
-        return _bits_of(self.weight_spec.get("dtype")) or 32
-
-
-def _bits_of(dtype: Any) -> int | None:
-    if dtype is None:
-        return None
-    return int(str(dtype).lstrip("u").removeprefix("int"))
+        return QDtype.parse(self.dtype).bits if self.weight_spec else 32
 
 
 @dataclass(frozen=True)
