@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lowbit.spec import Granularity, PerChannel, PerGroup, PerTensor, QDtype, SpecError
+from lowbit.spec import Granularity, PerChannel, PerGroup, PerTensor, PerToken, QDtype, SpecError
 
 __all__ = [
     "storage_dtype",
@@ -69,7 +69,12 @@ def qparam_shape(shape: torch.Size | tuple[int, ...], granularity: Granularity) 
 
     >>> qparam_shape((64, 100), PerGroup(32))
     (64, 4)
+    >>> qparam_shape((2, 5, 16), PerToken())
+    (2, 5)
     """
+    if isinstance(granularity, PerToken):
+        _check_token_shape(len(shape))
+        return tuple(shape[:-1])
     if isinstance(granularity, PerChannel):
         _check_axis(len(shape), granularity.axis)
         return (shape[granularity.axis],)
@@ -87,12 +92,20 @@ def _check_axis(ndim: int, axis: int) -> None:
         )
 
 
+def _check_token_shape(ndim: int) -> None:
+    if ndim < 1:
+        raise SpecError("per_token needs an input with at least one dimension (tokens, features)")
+
+
 def _broadcast(
     x: torch.Tensor, param: torch.Tensor, granularity: Granularity
 ) -> tuple[torch.Tensor, torch.Tensor, Restore]:
     """Return ``x`` and ``param`` in shapes that broadcast, and a function undoing x's view."""
     if isinstance(granularity, PerTensor):
         return x, param.reshape(()), lambda t: t
+    if isinstance(granularity, PerToken):
+        _check_token_shape(x.ndim)
+        return x, param.reshape(*x.shape[:-1], 1), lambda t: t  # (..., 1) per row
     if isinstance(granularity, PerChannel):
         _check_axis(x.ndim, granularity.axis)
         shape = [1] * x.ndim
@@ -115,6 +128,9 @@ def blocks(x: torch.Tensor, granularity: Granularity, pad: float = 0.0) -> torch
     """
     if isinstance(granularity, PerTensor):
         return x.reshape(1, -1)  # (1, numel)
+    if isinstance(granularity, PerToken):
+        _check_token_shape(x.ndim)
+        return x.reshape(-1, x.shape[-1])  # (tokens, features)
     if isinstance(granularity, PerChannel):
         _check_axis(x.ndim, granularity.axis)
         return x.movedim(granularity.axis, 0).reshape(x.shape[granularity.axis], -1)  # (C, rest)

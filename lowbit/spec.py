@@ -11,6 +11,7 @@ __all__ = [
     "PerTensor",
     "PerChannel",
     "PerGroup",
+    "PerToken",
     "Granularity",
     "QuantSpec",
     "SpecError",
@@ -32,14 +33,20 @@ class SpecError(ValueError):
 class QDtype:
     """An integer grid: ``bits`` wide, signed (two's complement range) or unsigned.
 
+    ``narrow=True`` drops the lowest value so the grid is symmetric around its centre
+    (int8 in [-127, 127], uint8 in [1, 255] around 128), as several runtimes expect of weights.
+
     >>> QDtype.parse("int4").qmin, QDtype.parse("int4").qmax
     (-8, 7)
+    >>> QDtype(8, narrow=True).qmin
+    -127
     >>> str(QDtype(8, signed=False))
     'uint8'
     """
 
     bits: int
     signed: bool = True
+    narrow: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not _MIN_BITS <= self.bits <= _MAX_BITS:
@@ -49,11 +56,14 @@ class QDtype:
             )
         if self.signed and self.bits < 2:
             raise SpecError("int1 has no room for a sign: use uint1 (binary) or int2 (ternary)")
+        if self.narrow and self.bits < 2:
+            raise SpecError("a narrow range needs at least 2 bits: use narrow_range: false")
 
     @property
     def qmin(self) -> int:
         """Smallest integer on the grid."""
-        return -(1 << (self.bits - 1)) if self.signed else 0
+        lowest = -(1 << (self.bits - 1)) if self.signed else 0
+        return lowest + 1 if self.narrow else lowest
 
     @property
     def qmax(self) -> int:
@@ -76,7 +86,7 @@ class QDtype:
         """Parse ``"int4"``, ``"uint8"``, ... into a QDtype.
 
         >>> QDtype.parse("uint2")
-        QDtype(bits=2, signed=False)
+        QDtype(bits=2, signed=False, narrow=False)
         """
         if isinstance(name, QDtype):
             return name
@@ -128,18 +138,29 @@ class PerGroup:
             )
 
 
-Granularity = PerTensor | PerChannel | PerGroup
+@dataclass(frozen=True)
+class PerToken:
+    """One scale and zero point per row of an activation: every index of all dimensions but
+    the last (a token of a (batch, seq, hidden) input). Dynamic activations only.
+    """
+
+    kind: Literal["per_token"] = field(default="per_token", init=False)
+
+
+Granularity = PerTensor | PerChannel | PerGroup | PerToken
+_GRANULARITIES = (PerTensor, PerChannel, PerGroup, PerToken)
 
 
 def parse_granularity(value: str | dict[str, Any] | Granularity) -> Granularity:
-    """Build a granularity from ``"per_tensor"``, ``"per_channel"``, ``"per_group:64"`` or a dict.
+    """Build a granularity from ``"per_tensor"``, ``"per_channel"``, ``"per_group:64"``,
+    ``"per_token"`` or a dict.
 
     >>> parse_granularity("per_group:64")
     PerGroup(group_size=64, kind='per_group')
     >>> parse_granularity({"kind": "per_channel", "axis": 1})
     PerChannel(axis=1, kind='per_channel')
     """
-    if isinstance(value, (PerTensor, PerChannel, PerGroup)):
+    if isinstance(value, _GRANULARITIES):
         return value
     if isinstance(value, str):
         kind, _, arg = value.partition(":")
@@ -155,17 +176,25 @@ def parse_granularity(value: str | dict[str, Any] | Granularity) -> Granularity:
                 ) from None
         value = {"kind": kind, **args}
     if not isinstance(value, dict):
-        raise SpecError(f"granularity {value!r}: write per_tensor, per_channel or per_group:SIZE")
+        raise SpecError(
+            f"granularity {value!r}: write per_tensor, per_channel, per_group:SIZE or per_token"
+        )
     args = dict(value)
     kind = args.pop("kind", None)
     classes: dict[str, type] = {
         "per_tensor": PerTensor,
         "per_channel": PerChannel,
         "per_group": PerGroup,
+        "per_token": PerToken,
     }
     if kind not in classes:
         raise SpecError(f"granularity kind {kind!r} is unknown: use one of {', '.join(classes)}")
-    allowed = {"per_tensor": set(), "per_channel": {"axis"}, "per_group": {"group_size"}}[kind]
+    allowed = {
+        "per_tensor": set(),
+        "per_channel": {"axis"},
+        "per_group": {"group_size"},
+        "per_token": set(),
+    }[kind]
     unknown = set(args) - allowed
     if unknown:
         raise SpecError(
@@ -194,7 +223,8 @@ class QuantSpec:
     """How one tensor is quantized.
 
     ``dynamic=True`` computes the range from each batch at run time (activations only);
-    ``observer`` names the range estimator used during calibration.
+    ``observer`` names the range estimator used during calibration; ``narrow_range=True``
+    keeps a symmetric grid off its lowest value (int8 in [-127, 127]).
 
     >>> spec = QuantSpec(dtype="int4", granularity="per_group:32")
     >>> spec.dtype.bits, spec.granularity.group_size
@@ -208,9 +238,18 @@ class QuantSpec:
     observer: str = "minmax"
     observer_args: tuple[tuple[str, Any], ...] = ()
     rounding: str = "nearest"
+    narrow_range: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", QDtype.parse(self.dtype))
+        dtype = QDtype.parse(self.dtype)
+        if not isinstance(self.narrow_range, bool):
+            raise SpecError(
+                f"narrow_range={self.narrow_range!r} must be True or False "
+                "(in YAML write true / false without quotes)"
+            )
+        narrow = self.narrow_range or dtype.narrow
+        object.__setattr__(self, "narrow_range", narrow)
+        object.__setattr__(self, "dtype", QDtype(dtype.bits, dtype.signed, narrow))
         object.__setattr__(self, "granularity", parse_granularity(self.granularity))
         object.__setattr__(self, "observer_args", _normalise_args(self.observer_args))
         for name in ("symmetric", "dynamic"):
@@ -230,7 +269,16 @@ class QuantSpec:
         if self.dynamic and isinstance(self.granularity, PerGroup):
             raise SpecError(
                 "dynamic quantization with per_group granularity is not supported: use "
-                "per_tensor or per_channel for dynamic activations"
+                "per_tensor, per_token or per_channel for dynamic activations"
+            )
+        if isinstance(self.granularity, PerToken) and not self.dynamic:
+            raise SpecError(
+                "per_token scales follow each input row, so they are computed at run time: "
+                "set dynamic: true (or use per_tensor for a calibrated static input)"
+            )
+        if self.narrow_range and not self.symmetric:
+            raise SpecError(
+                "narrow_range is for symmetric grids: set symmetric: true or narrow_range: false"
             )
 
     @property
@@ -242,14 +290,14 @@ class QuantSpec:
     @property
     def gran(self) -> Granularity:
         """The granularity, typed (always a Granularity object after construction)."""
-        assert isinstance(self.granularity, (PerTensor, PerChannel, PerGroup))
+        assert isinstance(self.granularity, _GRANULARITIES)
         return self.granularity
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict that :meth:`from_dict` reads back (used by YAML recipes and file headers).
 
         >>> QuantSpec.from_dict(QuantSpec("uint8", symmetric=False).to_dict()).dtype
-        QDtype(bits=8, signed=False)
+        QDtype(bits=8, signed=False, narrow=False)
         """
         gran = self.gran
         if isinstance(gran, PerChannel):
@@ -257,7 +305,7 @@ class QuantSpec:
         elif isinstance(gran, PerGroup):
             gran_str = f"per_group:{gran.group_size}"
         else:
-            gran_str = "per_tensor"
+            gran_str = gran.kind
         out: dict[str, Any] = {
             "dtype": str(self.qdtype),
             "granularity": gran_str,
@@ -268,6 +316,8 @@ class QuantSpec:
         }
         if self.observer_args:
             out["observer_args"] = dict(self.observer_args)
+        if self.narrow_range:
+            out["narrow_range"] = True
         return out
 
     @classmethod
@@ -287,6 +337,7 @@ class QuantSpec:
             "observer",
             "observer_args",
             "rounding",
+            "narrow_range",
             "bits",
         }
         unknown = sorted(set(data) - known)

@@ -119,7 +119,7 @@ def test_parse_granularity(text: object, expected: object) -> None:
         ("per_tensor:3", r"unknown key\(s\) \['axis'\]"),
         ("per_group:abc", "per_group"),
         ("per_channel:x", "per_channel"),
-        (3, "write per_tensor, per_channel or per_group"),
+        (3, "write per_tensor, per_channel, per_group:SIZE or per_token"),
     ],
 )
 def test_parse_granularity_errors_are_spec_errors_naming_the_problem(
