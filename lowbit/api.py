@@ -207,7 +207,7 @@ def convert(model: M, inplace: bool = False) -> M:
 
     >>> m = prepare(torch.nn.Sequential(torch.nn.Linear(4, 4)), "w8a8")
     >>> m = calibrate(m, [torch.randn(2, 4)])
-    >>> convert(m)[0].qweight.dtype
+    >>> convert(m)[0].weight.qdata.dtype
     torch.int8
     """
     if not inplace:

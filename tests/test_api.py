@@ -16,7 +16,7 @@ from torch import nn
 
 from lowbit.api import calibrate, convert, prepare, prepared_info, quantize, quantized_layers
 from lowbit.config import Rule, load_recipe
-from lowbit.nn import QModule
+from lowbit.nn import QModule, QTensor
 from lowbit.report.metrics import sqnr_db
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -364,8 +364,10 @@ def test_convert_is_idempotent(
 def test_converted_layers_hold_integers(converted_net: nn.Module) -> None:
     for name, layer in quantized_layers(converted_net).items():
         assert "weight" not in dict(layer.named_parameters(recurse=False)), name
-        assert layer.qweight.dtype == torch.int8, name
-        assert layer.qbias.dtype == torch.int32, name  # static per-tensor input, per-channel w
+        assert isinstance(layer.weight, QTensor) and layer.weight.qdata.dtype == torch.int8, name
+        # static per-tensor input, per-channel weight: int32 bias at s_w * s_x
+        assert isinstance(layer.bias, QTensor) and layer.bias.qdata.dtype == torch.int32, name
+        assert layer.weight.shape == layer.weight.int_repr().shape, name
 
 
 def test_converted_model_can_be_deep_copied(converted_net: nn.Module) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.nn import QConv1d, QConv2d, QLinear, QModule, qmodule_class
+from lowbit.nn import QConv1d, QConv2d, QLinear, QModule, QTensor, qmodule_class
 from lowbit.primitives import storage_dtype
 from lowbit.report.metrics import sqnr_db
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec, SpecError
@@ -115,26 +115,29 @@ def test_freeze_matches_fake_quant(name: str, wname: str) -> None:
     float_bias = layer.bias.detach().clone()
 
     q.freeze()
+    q.set_kernel("reference")  # the simulation; integer kernels are tested in tests/runtime
     with torch.no_grad():
         frozen = q(x)
 
     assert q.frozen
     assert "weight" not in dict(q.named_parameters())
-    assert q.qweight.dtype == storage_dtype(wspec.qdtype)
-    assert wspec.qdtype.qmin <= int(q.qweight.min()) <= int(q.qweight.max()) <= wspec.qdtype.qmax
+    assert isinstance(q.weight, QTensor) and q.weight.shape == layer.weight.shape
+    assert q.weight.dtype == layer.weight.dtype
+    ints = q.weight.int_repr()
+    assert ints.dtype == storage_dtype(wspec.qdtype)
+    assert wspec.qdtype.qmin <= int(ints.min()) <= int(ints.max()) <= wspec.qdtype.qmax
     if int_bias:
-        assert q.bias is None
-        assert q.qbias.dtype == torch.int32
-        assert torch.equal(q.qbias, torch.round(float_bias / bias_scale).to(torch.int32))
+        assert isinstance(q.bias, QTensor) and q.bias.qdata.dtype == torch.int32
+        assert torch.equal(q.bias.qdata, torch.round(float_bias / bias_scale).to(torch.int32))
         # the outputs differ by exactly the int32 bias rounding, channel by channel
-        rounding = q.qbias.float() * bias_scale - float_bias  # (out,)
+        rounding = q.bias.qdata.float() * bias_scale - float_bias  # (out,)
         channel_shape = (-1,) if isinstance(q, nn.Linear) else (-1, *[1] * (x.ndim - 2))
         torch.testing.assert_close(frozen - fake, rounding.view(channel_shape).expand_as(fake))
         assert rounding.abs().max() <= 0.5 * bias_scale.max() * (1 + 1e-5)
         if wspec.qdtype.bits >= 4:
             assert sqnr_db(fake, frozen) > 60.0
     else:
-        assert getattr(q, "qbias", None) is None
+        assert not isinstance(q.bias, QTensor)
         assert q.bias is not None and torch.equal(q.bias.detach(), float_bias)
         assert sqnr_db(fake, frozen) > 100.0  # identical up to float rounding
 
@@ -157,7 +160,8 @@ def test_bias_stays_float_unless_input_is_static_per_tensor(inp: QuantSpec) -> N
     with torch.no_grad():
         fake = q(x)
     q.freeze()
-    assert getattr(q, "qbias", None) is None
+    q.set_kernel("reference")
+    assert not isinstance(q.bias, QTensor)
     assert q.bias is layer.bias
     with torch.no_grad():
         assert sqnr_db(fake, q(x)) > 100.0
@@ -167,9 +171,9 @@ def test_freeze_is_idempotent() -> None:
     layer, x, qcls = _layer("linear")
     q = _calibrated(layer, qcls, x, W8_CHANNEL, A8_STATIC)
     q.freeze()
-    qweight, qbias = q.qweight.clone(), q.qbias.clone()
+    weight, bias = q.weight, q.bias
     q.freeze()
-    assert torch.equal(q.qweight, qweight) and torch.equal(q.qbias, qbias)
+    assert q.weight is weight and q.bias is bias
 
 
 def test_freeze_before_calibration_raises() -> None:
@@ -187,6 +191,7 @@ def test_weight_only_freezes_without_calibration() -> None:
     with torch.no_grad():
         fake = q(x)
     q.freeze()
+    q.set_kernel("reference")
     with torch.no_grad():
         assert sqnr_db(fake, q(x)) > 100.0
     assert q.bias is layer.bias  # no input scale, so no integer bias
@@ -270,7 +275,7 @@ def test_gradients_flow_through_fake_quant_weights(name: str) -> None:
     # STE: the float weight gets exactly the gradient taken at the fake-quantized weight
     wq = q.quantized_weight().detach().requires_grad_(True)
     xq = q.input_quantizer(x.detach()) if q.input_quantizer is not None else x.detach()
-    q._forward_with(xq, wq, layer.bias.detach()).pow(2).sum().backward()
+    q.float_forward(xq, wq, layer.bias.detach()).pow(2).sum().backward()
     assert wq.grad is not None
     torch.testing.assert_close(layer.weight.grad, wq.grad)
 

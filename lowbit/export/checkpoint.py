@@ -1,9 +1,11 @@
 """Save a converted model as one packed ``.lowbit`` file (safetensors + JSON header), load it back.
 
-Integer weights are stored packed at their real width (two int4 or four int2 per byte) as flat
-``uint8`` tensors under ``<layer>.qweight``; every other ``state_dict`` entry (scales, zero
-points, int32 biases, float leftovers) is stored as it is. No pickle is written or read, and the
-header is checked before any tensor byte is touched (see :mod:`lowbit.export.header`).
+The tensors are the converted model's ``state_dict``, in which each quantized layer writes its
+own packed form (:mod:`lowbit.nn.state`: sub-byte weights two int4 or four int2 per byte,
+scales, packed zero points, int32 biases); float leftovers are stored as they are. No pickle is
+written or read, the header is checked before any tensor byte is touched (see
+:mod:`lowbit.export.header`), the checksum is computed in chunks and tensors are read from the
+memory-mapped file one by one, so a large file is never held twice in memory.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ from lowbit.export.header import (
     Header,
     LayerInfo,
     checksum,
+    checksum_chunks,
     read_header,
 )
 from lowbit.export.rebuild import rebuild
-from lowbit.nn import QModule
-from lowbit.primitives import pack_bits
+from lowbit.nn import QModule, QTensor
 
 __all__ = ["save", "load", "theoretical_size", "SUFFIX"]
 
@@ -67,14 +69,14 @@ def _check_converted(model: nn.Module, where: str) -> dict[str, QModule]:
 
 def _layer_info(name: str, layer: QModule) -> LayerInfo:
     wq, iq = layer.weight_quantizer, layer.input_quantizer
-    weight = layer.qweight if layer.frozen else layer.weight
     return LayerInfo(
         name=name,
-        layer_class=type(layer).__name__,
-        weight_shape=tuple(weight.shape),
+        kind=layer.kind,
+        weight_shape=tuple(layer.weight.shape),
+        weight_dtype=str(layer.weight.dtype).removeprefix("torch."),
         weight_spec=wq.spec.to_dict() if wq is not None else None,
         input_spec=iq.spec.to_dict() if iq is not None else None,
-        qbias=getattr(layer, "qbias", None) is not None,
+        qbias=isinstance(layer.bias, QTensor),
     )
 
 
@@ -100,37 +102,6 @@ def _storable(state: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
 def _raw(t: torch.Tensor) -> memoryview:
     """The bytes of a CPU contiguous tensor, as safetensors writes them (little endian)."""
     return t.reshape(-1).view(torch.uint8).numpy().data  # (nbytes,)
-
-
-def _compact_zero_point(zero: torch.Tensor, layer: QModule) -> torch.Tensor | None:
-    """A weight zero point as stored: None (symmetric, all zeros: not stored), packed at the
-    weight's width (uint8), or int32 as it is when it does not fit that width."""
-    wq = layer.weight_quantizer
-    assert wq is not None
-    if wq.spec.symmetric and not bool(zero.any()):
-        return None
-    try:
-        return pack_bits(zero, wq.spec.qdtype)  # (ceil(groups*w/8),) uint8
-    except ValueError:
-        return zero
-
-
-def _collect(model: nn.Module, layers: dict[str, QModule], where: str) -> dict[str, torch.Tensor]:
-    """The tensors to write: the state_dict with each integer weight and weight zero point
-    packed at its real width; symmetric (all-zero) weight zero points are left out."""
-    state: dict[str, Any] = dict(model.state_dict())
-    for name, layer in layers.items():
-        wq = layer.weight_quantizer
-        if layer.frozen and wq is not None:
-            key = _prefix(name) + "qweight"
-            state[key] = pack_bits(state[key], wq.spec.qdtype)  # (ceil(numel*w/8),) uint8
-            zkey = _prefix(name) + "weight_quantizer.zero_point"
-            zero = _compact_zero_point(state[zkey], layer)
-            if zero is None:
-                del state[zkey]
-            else:
-                state[zkey] = zero
-    return _storable(state, where)
 
 
 def _target(path: str | Path) -> Path:
@@ -164,7 +135,7 @@ def save(model: nn.Module, path: str | Path) -> Path:
     where = f"cannot save to {str(path)!r}"
     layers = _check_converted(model, where)
     info = prepared_info(model)
-    tensors = _collect(model, layers, where)
+    tensors = _storable(model.state_dict(), where)  # each layer writes its packed form
     header = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -189,26 +160,29 @@ def save(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def _read_tensors(header: Header) -> dict[str, torch.Tensor]:
-    """Verify the checksum over the raw bytes, then deserialize (safetensors, no pickle)."""
+_CHUNK = 1 << 20
+
+
+def _verify(header: Header) -> None:
+    """Check the sha256 over the tensor bytes, reading the file in chunks (never whole)."""
     path = header.path
-    data = path.read_bytes()
-    if len(data) != header.file_size:
-        raise CheckpointError(f"{str(path)!r}: the file changed while it was read; load it again")
-    view = memoryview(data)
-    start = header.data_start
-    found = checksum(
-        (name, view[start + e.begin : start + e.end]) for name, e in header.tensors.items()
-    )
+    digest_items = sorted(header.tensors.items())
+    found = checksum_chunks(path, header.data_start, digest_items, _CHUNK)
     if found != header.checksum:
         raise CheckpointError(
             f"{str(path)!r}: checksum mismatch (sha256 of the tensor data is {found[:12]}..., "
             f"the header says {header.checksum[:12]}...): the file is corrupted; re-save it "
             "with lowbit.save(model, path) or restore it from a good copy"
         )
+
+
+def _read_tensors(header: Header) -> dict[str, torch.Tensor]:
+    """Each tensor read once from the memory-mapped file (safetensors, no pickle)."""
+    path = header.path
     try:
-        return st.load(data)
-    except safetensors.SafetensorError as err:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in header.tensors}
+    except (safetensors.SafetensorError, OSError) as err:
         raise CheckpointError(
             f"{str(path)!r}: safetensors could not read the tensors ({err}); the file is "
             "corrupted; re-save it with lowbit.save(model, path)"
@@ -234,7 +208,10 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
     True
     """
     header = read_header(path)
+    _verify(header)
     tensors = _read_tensors(header)
+    if Path(path).stat().st_size != header.file_size:
+        raise CheckpointError(f"{str(path)!r}: the file changed while it was read; load it again")
     return rebuild(header, tensors, model).eval()
 
 
@@ -249,17 +226,13 @@ def theoretical_size(model: nn.Module) -> int:
     544
     """
     layers = _check_converted(model, "theoretical_size")
-    exact_bits: dict[str, int] = {}
+    exact: dict[str, int] = {}  # state_dict key -> exact bytes
     for name, layer in layers.items():
-        wq = layer.weight_quantizer
-        if layer.frozen and wq is not None:
-            bits = wq.spec.qdtype.bits
-            exact_bits[_prefix(name) + "qweight"] = bits
-            exact_bits[_prefix(name) + "weight_quantizer.zero_point"] = (
-                0 if wq.spec.symmetric else bits
-            )
-    total = 0
-    for key, t in model.state_dict().items():
-        width = exact_bits.get(key)
-        total += t.numel() * t.element_size() if width is None else math.ceil(t.numel() * width / 8)
-    return total
+        weight = layer.weight
+        if isinstance(weight, QTensor) and weight.qdtype is not None:
+            bits = weight.qdtype.bits
+            exact[_prefix(name) + "weight.qdata"] = math.ceil(weight.numel() * bits / 8)
+            exact[_prefix(name) + "weight.zero_point"] = math.ceil(weight.scale.numel() * bits / 8)
+    return sum(
+        exact.get(key, t.numel() * t.element_size()) for key, t in model.state_dict().items()
+    )

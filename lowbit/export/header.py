@@ -34,11 +34,12 @@ __all__ = [
     "Header",
     "read_header",
     "checksum",
+    "checksum_chunks",
 ]
 
 FORMAT_NAME = "lowbit"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = frozenset({1})
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = frozenset({2})
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _ITEMSIZE = {
     "BOOL": 1,
@@ -82,11 +83,16 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """What the header says about one quantized layer (``weight_spec`` None: float weight)."""
+    """What the header says about one quantized layer (``weight_spec`` None: float weight).
+
+    ``kind`` is the quantized layer's registered kind (``"linear"``, ``"conv2d"``, ...) and
+    ``weight_dtype`` the float dtype the weight reads as (``"float32"``, ``"bfloat16"``, ...).
+    """
 
     name: str
-    layer_class: str
+    kind: str
     weight_shape: tuple[int, ...]
+    weight_dtype: str
     weight_spec: dict[str, Any] | None
     input_spec: dict[str, Any] | None
     qbias: bool
@@ -95,8 +101,9 @@ class LayerInfo:
         """The header's JSON object for this layer."""
         return {
             "name": self.name,
-            "class": self.layer_class,
+            "kind": self.kind,
             "weight_shape": list(self.weight_shape),
+            "weight_dtype": self.weight_dtype,
             "weight_spec": self.weight_spec,
             "input": self.input_spec,
             "qbias": self.qbias,
@@ -140,6 +147,36 @@ def checksum(items: Iterable[tuple[str, bytes | memoryview]]) -> str:
         view = memoryview(data).cast("B")
         digest.update(name.encode("utf-8") + b"\0" + len(view).to_bytes(8, "little"))
         digest.update(view)
+    return digest.hexdigest()
+
+
+def checksum_chunks(
+    path: Path, data_start: int, entries: Iterable[tuple[str, TensorEntry]], chunk: int = 1 << 20
+) -> str:
+    """:func:`checksum` of the tensors ``entries`` locate in ``path``, read ``chunk`` bytes at a
+    time (never the whole file at once); the same digest as over the bytes in memory.
+
+    >>> import tempfile, torch
+    >>> from lowbit.api import quantize
+    >>> from lowbit.export import save
+    >>> q = quantize(torch.nn.Sequential(torch.nn.Linear(8, 4)), "w4a16")
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     h = read_header(save(q, d + "/m"))
+    ...     checksum_chunks(h.path, h.data_start, h.tensors.items(), chunk=3) == h.checksum
+    True
+    """
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for name, entry in sorted(entries, key=lambda item: item[0]):
+            digest.update(name.encode("utf-8") + b"\0" + entry.nbytes.to_bytes(8, "little"))
+            f.seek(data_start + entry.begin)
+            left = entry.nbytes
+            while left > 0:
+                block = f.read(min(chunk, left))
+                if not block:
+                    raise CheckpointError(f"{str(path)!r}: the file ended early (truncated)")
+                digest.update(block)
+                left -= len(block)
     return digest.hexdigest()
 
 
@@ -268,7 +305,10 @@ def _lowbit_json(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
             f"unsupported format version {version} (written by lowbit "
             f"{data.get('lowbit_version', '?')}); this lowbit reads version(s) "
             f"{sorted(SUPPORTED_VERSIONS)}",
-            "upgrade lowbit to load it",
+            "upgrade lowbit to load it"
+            if version > max(SUPPORTED_VERSIONS)
+            else "quantize the float model again with this lowbit and save it (older files "
+            "keep the weights in a layout this version no longer reads)",
         )
     return data
 
@@ -289,10 +329,14 @@ def _layer(path: Path, item: Any, i: int) -> LayerInfo:
         raise _fail(path, f"header layers[{i}] is not an object", _RESAVE)
     where = f"layers[{i}]"
     try:
+        for key in ("weight_spec", "input"):
+            if item[key] is not None and not isinstance(item[key], dict):
+                raise TypeError(f"{key} must be an object or null")
         return LayerInfo(
             name=str(item["name"]),
-            layer_class=str(item["class"]),
+            kind=str(item["kind"]),
             weight_shape=tuple(int(d) for d in item["weight_shape"]),
+            weight_dtype=str(item["weight_dtype"]),
             weight_spec=item["weight_spec"],
             input_spec=item["input"],
             qbias=bool(item["qbias"]),

@@ -1,15 +1,16 @@
 """Rebuild a converted model from a checked ``.lowbit`` header and its tensors.
 
-The float model is copied, given the file's batch-norm fold structure (no tracing, no use of
-its float values), prepared with the file's recipe, and each quantized layer is put in the
-exact state ``QModule.freeze()`` leaves it in. The caller's model is never modified.
+The float model is copied onto the meta device (nothing allocated for its weights), given the
+file's batch-norm fold structure (no tracing, no use of its float values) and prepared with
+the file's recipe; then ``load_state_dict`` hands every layer its tensors and each quantized
+layer restores its own frozen form (:mod:`lowbit.nn.state`). The caller's model is never
+modified.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -19,8 +20,7 @@ from lowbit.api import prepare, prepared_info, quantized_layers
 from lowbit.config import Recipe, RecipeError
 from lowbit.export.header import CheckpointError, Header, LayerInfo
 from lowbit.fuse import FoldPair, apply_fold_structure
-from lowbit.nn import QModule, Quantizer
-from lowbit.primitives import qparam_shape, unpack_bits
+from lowbit.nn import QModule
 
 __all__ = ["rebuild"]
 
@@ -48,8 +48,25 @@ def _recipes(header: Header) -> tuple[Recipe, Recipe, list[str]]:
     return saved, dataclasses.replace(build, fold_batchnorm=False), notes
 
 
+def _meta_memo(model: nn.Module) -> dict[int, Any]:
+    """A deepcopy memo that turns every tensor of ``model``'s state_dict into a meta tensor of
+    the same shape and dtype: the copy allocates nothing for what the file will provide.
+    Non-persistent buffers (computed constants such as rotary frequencies) are copied."""
+    memo: dict[int, Any] = {}
+    persistent = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in persistent or id(tensor) in memo:
+            continue
+        meta = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = meta
+    return memo
+
+
 def _skeleton(header: Header, model: nn.Module) -> nn.Module:
-    """A prepared copy of ``model`` with the file's folds, its recipe and PreparedInfo."""
+    """A prepared copy of ``model`` on the meta device (weights allocated by the file alone),
+    with the file's folds, its recipe and PreparedInfo."""
     if any(isinstance(m, QModule) for m in model.modules()):
         raise _mismatch(
             header,
@@ -58,7 +75,7 @@ def _skeleton(header: Header, model: nn.Module) -> nn.Module:
         )
     saved, build, notes = _recipes(header)
     folds = [FoldPair(layer=a, bn=b) for a, b in header.folds]
-    out = copy.deepcopy(model)
+    out = copy.deepcopy(model, _meta_memo(model))
     try:
         apply_fold_structure(out, folds)
         prepare(out, build, inplace=True)
@@ -91,72 +108,14 @@ def _more(names: list[str]) -> str:
     return f" (and {len(names) - 1} more: {names[1:4]})" if len(names) > 1 else ""
 
 
-def _take(header: Header, tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    if key not in tensors:
+def _check_layer(header: Header, layer: QModule, info: LayerInfo) -> None:
+    """The layer the model builds must be the one the file describes."""
+    name = info.name
+    if layer.kind != info.kind:
         raise _mismatch(
             header,
-            f"missing key {key!r} in the file's tensors",
-            "the file is incomplete; re-save the model with lowbit.save",
-        )
-    return tensors[key]
-
-
-def _zero_point(
-    header: Header,
-    quantizer: Quantizer,
-    tensors: dict[str, torch.Tensor],
-    key: str,
-    scale: torch.Tensor,
-) -> torch.Tensor:
-    """The int32 zero point: stored as is, packed at the dtype's width (uint8), or left out
-    of the file when the spec is symmetric (all zeros)."""
-    zkey = f"{key}.zero_point"
-    if zkey not in tensors and quantizer.spec.symmetric:
-        return torch.zeros(scale.shape, dtype=torch.int32)
-    zero = _take(header, tensors, zkey)
-    if zero.dtype == torch.uint8:
-        try:
-            flat = unpack_bits(zero, quantizer.spec.qdtype, scale.numel())
-        except ValueError as err:
-            raise _mismatch(header, f"{zkey}: {err}", "re-save the model") from None
-        zero = flat.reshape(scale.shape).to(torch.int32)
-    return zero
-
-
-def _set_qparams(
-    header: Header,
-    quantizer: Quantizer,
-    tensors: dict[str, torch.Tensor],
-    key: str,
-    shape: tuple[int, ...] | None,
-) -> None:
-    """Fixed qparams from the file (``shape`` None: no shape check), observing switched off."""
-    if not quantizer.spec.dynamic:
-        scale = _take(header, tensors, f"{key}.scale")
-        zero = _zero_point(header, quantizer, tensors, key, scale)
-        if shape is not None and (tuple(scale.shape) != shape or tuple(zero.shape) != shape):
-            raise _mismatch(
-                header,
-                f"{key}: qparams of shape {tuple(scale.shape)} do not fit "
-                f"the weight (expected {shape})",
-                "the file is corrupted; re-save it",
-            )
-        quantizer.set_qparams(scale, zero)
-    quantizer.observer = None
-    quantizer.observing = False
-
-
-def _freeze(
-    header: Header, name: str, layer: QModule, info: LayerInfo, tensors: dict[str, torch.Tensor]
-) -> None:
-    """Put ``layer`` in the state ``freeze()`` leaves it in, from the file's tensors."""
-    pre = f"{name}." if name else ""
-    wq, iq = layer.weight_quantizer, layer.input_quantizer
-    if type(layer).__name__ != info.layer_class:
-        raise _mismatch(
-            header,
-            f"layer {name!r} is a {type(layer).__name__} in the model but a "
-            f"{info.layer_class} in the file",
+            f"layer {name!r} is a {layer.kind} layer in the model but a {info.kind} layer in "
+            "the file",
         )
     shape = tuple(layer.weight.shape)
     if shape != info.weight_shape:
@@ -165,6 +124,15 @@ def _freeze(
             f"layer {name!r} has weight shape {list(shape)} in the model but "
             f"{list(info.weight_shape)} in the file",
         )
+    dtype = str(layer.weight.dtype).removeprefix("torch.")
+    if dtype != info.weight_dtype:
+        raise _mismatch(
+            header,
+            f"layer {name!r} has {dtype} weights in the model but {info.weight_dtype} in the file",
+            f"convert the model to {info.weight_dtype} before load (model.to(torch."
+            f"{info.weight_dtype}))",
+        )
+    wq, iq = layer.weight_quantizer, layer.input_quantizer
     specs = (wq.spec.to_dict() if wq else None, iq.spec.to_dict() if iq else None)
     if specs != (info.weight_spec, info.input_spec):
         raise _mismatch(
@@ -173,43 +141,15 @@ def _freeze(
             f"holds {(info.weight_spec, info.input_spec)}",
             "re-save the model",
         )
-    if iq is not None:
-        _set_qparams(header, iq, tensors, pre + "input_quantizer", None)
-    if wq is None:
-        return
-    packed = _take(header, tensors, pre + "qweight")
-    try:
-        flat = unpack_bits(packed, wq.spec.qdtype, math.prod(shape))
-    except ValueError as err:
-        raise _mismatch(header, f"{pre}qweight: {err}", "re-save the model") from None
-    _set_qparams(header, wq, tensors, pre + "weight_quantizer", qparam_shape(shape, wq.spec.gran))
-    device = layer.weight.device
-    del layer.weight
-    layer.register_buffer("qweight", flat.reshape(shape).to(device))  # (out, in/groups, *k)
-    if info.qbias:
-        del layer.bias
-        layer.bias = None
-        qbias = _take(header, tensors, pre + "qbias").to(device=device, dtype=torch.int32)
-        layer.register_buffer("qbias", qbias)
-    layer.frozen = True
 
 
-def _load_rest(header: Header, model: nn.Module, state: dict[str, Any]) -> None:
-    """Strict key, shape and dtype checks, then load every entry (float leftovers included)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    if missing:
-        raise _mismatch(
-            header,
-            f"missing key {missing[0]!r}: the model has it but the file does not" + _more(missing),
-        )
-    if extra:
-        raise _mismatch(
-            header, f"the file has key {extra[0]!r} that the model lacks" + _more(extra)
-        )
-    for key, mine in own.items():
-        theirs = state[key]
+def _check_float_entries(header: Header, model: nn.Module, state: dict[str, Any]) -> None:
+    """Float leftovers must have the model's shapes and dtypes (load_state_dict with assign
+    would silently take the file's dtype)."""
+    for key, mine in model.state_dict().items():
+        theirs = state.get(key)
+        if not isinstance(theirs, torch.Tensor):
+            continue
         if mine.shape != theirs.shape:
             raise _mismatch(
                 header,
@@ -222,11 +162,20 @@ def _load_rest(header: Header, model: nn.Module, state: dict[str, Any]) -> None:
                 f"{key!r} is {mine.dtype} in the model but {theirs.dtype} in the file",
                 f"convert the model to {theirs.dtype} before load",
             )
-    model.load_state_dict(state, strict=True)
+
+
+def _first_problem(text: str) -> str:
+    """The first line of torch's load_state_dict report, without its preamble."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    body = lines[1:] if len(lines) > 1 else lines
+    return body[0].rstrip(".") if body else text
 
 
 def rebuild(header: Header, tensors: dict[str, torch.Tensor], model: nn.Module) -> nn.Module:
     """The converted model described by ``header`` and ``tensors``, built on a copy of ``model``.
+
+    The copy holds only what the file provides: its weights are never allocated from the
+    float model, and every layer restores its own frozen form from the tensors.
 
     >>> import tempfile
     >>> from lowbit.api import quantize
@@ -236,21 +185,31 @@ def rebuild(header: Header, tensors: dict[str, torch.Tensor], model: nn.Module) 
     >>> with tempfile.TemporaryDirectory() as d:
     ...     p = save(q, f"{d}/m")
     ...     back = rebuild(read_header(p), load_file(p), nn.Sequential(nn.Linear(8, 4)))
-    >>> torch.equal(back[0].qweight, q[0].qweight)
+    >>> torch.equal(back[0].weight.int_repr(), q[0].weight.int_repr())
     True
     """
     out = _skeleton(header, model)
     layers = quantized_layers(out)
     _match_layers(header, layers)
     for info in header.layers:
-        _freeze(header, info.name, layers[info.name], info, tensors)
-    state = dict(tensors)
+        _check_layer(header, layers[info.name], info)
+    _check_float_entries(header, out, tensors)
+    try:
+        result = out.load_state_dict(dict(tensors), strict=False, assign=True)
+    except RuntimeError as err:
+        raise _mismatch(header, _first_problem(str(err)), "re-save the model") from None
+    if result.unexpected_keys:
+        keys = list(result.unexpected_keys)
+        raise _mismatch(header, f"the file has key {keys[0]!r} that the model lacks" + _more(keys))
+    if result.missing_keys:
+        keys = list(result.missing_keys)
+        raise _mismatch(
+            header,
+            f"missing key {keys[0]!r}: the model has it but the file does not" + _more(keys),
+        )
     for name, layer in layers.items():
-        pre = f"{name}." if name else ""
-        if layer.frozen:
-            state[pre + "qweight"] = layer.qweight
-        wq = layer.weight_quantizer
-        if wq is not None and wq.zero_point is not None:
-            state[pre + "weight_quantizer.zero_point"] = wq.zero_point
-    _load_rest(header, out, state)
+        if layer.weight_quantizer is not None and not layer.frozen:
+            raise _mismatch(
+                header, f"layer {name!r} has no quantized weight in the file", "re-save the model"
+            )
     return out

@@ -7,10 +7,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
-from lowbit.export.header import Header, read_header
+from lowbit.export.header import Header, LayerInfo, read_header
+from lowbit.nn import LayerView, choose_kernel
+from lowbit.spec import QuantSpec, SpecError
 
 __all__ = [
     "LayerRow",
@@ -23,12 +26,13 @@ __all__ = [
 ]
 
 _LAYER_KEYS = (
-    "qweight",
+    "weight.qdata",
+    "weight.scale",
+    "weight.zero_point",
     "weight",
     "bias",
-    "qbias",
-    "weight_quantizer.scale",
-    "weight_quantizer.zero_point",
+    "bias.qdata",
+    "bias.scale",
     "input_quantizer.scale",
     "input_quantizer.zero_point",
 )
@@ -37,20 +41,22 @@ _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"}
 
 @dataclass(frozen=True)
 class LayerRow:
-    """One quantized layer of a file: its dtype, bits, granularity and bytes on disk.
+    """One quantized layer of a file: its dtype, bits, granularity, bytes on disk and the
+    kernel it runs on this machine (for float32 inputs on the CPU).
 
     ``bytes`` counts the packed weight, scales, zero points, bias and input qparams;
     ``fp32_bytes`` is the same layer's weight and bias in float32.
     """
 
     name: str
-    layer_class: str
+    kind: str
     dtype: str
     bits: int
     granularity: str
     weight_shape: tuple[int, ...]
     bytes: int
     fp32_bytes: int
+    kernel: str
 
 
 @dataclass(frozen=True)
@@ -77,19 +83,35 @@ def _row(header: Header, index: int) -> LayerRow:
     info = header.layers[index]
     entries = {key: header.tensors[key] for key in _layer_keys(info.name) if key in header.tensors}
     prefix = f"{info.name}." if info.name else ""
-    bias = entries.get(prefix + "bias") or entries.get(prefix + "qbias")
+    bias = entries.get(prefix + "bias") or entries.get(prefix + "bias.qdata")
     bias_numel = math.prod(bias.shape) if bias is not None else 0
     spec = info.weight_spec or {}
     return LayerRow(
         name=info.name,
-        layer_class=info.layer_class,
+        kind=info.kind,
         dtype=info.dtype,
         bits=info.bits,
         granularity=str(spec.get("granularity", "-")),
         weight_shape=info.weight_shape,
         bytes=sum(entry.nbytes for entry in entries.values()),
         fp32_bytes=4 * (math.prod(info.weight_shape) + bias_numel),
+        kernel=_kernel(info),
     )
+
+
+def _kernel(info: LayerInfo) -> str:
+    """The kernel a float32 CPU input of this layer runs on here."""
+    try:
+        view = LayerView(
+            kind=info.kind,
+            label=info.name,
+            weight_spec=QuantSpec.from_dict(info.weight_spec) if info.weight_spec else None,
+            input_spec=QuantSpec.from_dict(info.input_spec) if info.input_spec else None,
+            weight_shape=info.weight_shape,
+        )
+        return choose_kernel(view, torch.float32, torch.device("cpu")).name
+    except (SpecError, RuntimeError, ValueError):
+        return "?"
 
 
 def summarize(path: str | Path) -> FileSummary:
@@ -150,7 +172,7 @@ def inspect_table(path: str | Path) -> Table:
     summary = summarize(path)
     table = Table(title=f"{summary.path.name}", show_footer=True)
     table.add_column("layer", footer="total (file)")
-    table.add_column("class")
+    table.add_column("kind")
     table.add_column("dtype")
     table.add_column("bits", justify="right")
     table.add_column("granularity")
@@ -158,11 +180,12 @@ def inspect_table(path: str | Path) -> Table:
     table.add_column("on disk", justify="right", footer=_kib(summary.file_bytes))
     table.add_column("fp32", justify="right", footer=_kib(summary.fp32_bytes))
     table.add_column("ratio", justify="right", footer=f"{summary.ratio:.2f}x")
+    table.add_column("kernel")
     for row in summary.rows:
         ratio = row.fp32_bytes / row.bytes if row.bytes else math.inf
         table.add_row(
             row.name,
-            row.layer_class,
+            row.kind,
             row.dtype,
             str(row.bits),
             row.granularity,
@@ -170,6 +193,7 @@ def inspect_table(path: str | Path) -> Table:
             _kib(row.bytes),
             _kib(row.fp32_bytes),
             f"{ratio:.2f}x",
+            row.kernel,
         )
     return table
 

@@ -24,6 +24,8 @@ class QLinear(QModule, nn.Linear):  # type: ignore[misc]  # Linear infers bias a
     torch.Size([3, 2])
     """
 
+    kind = "linear"
+
     @classmethod
     def _float_args(cls, module: nn.Module) -> dict[str, Any]:
         assert isinstance(module, nn.Linear)
@@ -33,7 +35,7 @@ class QLinear(QModule, nn.Linear):  # type: ignore[misc]  # Linear infers bias a
             "bias": module.bias is not None,
         }
 
-    def _forward_with(
+    def float_forward(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         return F.linear(x, weight, bias)
@@ -79,7 +81,7 @@ class _QConvNd(QModule):
     def _float_args(cls, module: nn.Module) -> dict[str, Any]:
         return _conv_args(module)
 
-    def _forward_with(
+    def float_forward(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         assert isinstance(self, nn.modules.conv._ConvNd)
@@ -101,6 +103,8 @@ class QConv2d(_QConvNd, nn.Conv2d):
     torch.Size([1, 4, 6, 6])
     """
 
+    kind = "conv2d"
+
 
 @register_qmodule(nn.Conv1d)
 class QConv1d(_QConvNd, nn.Conv1d):
@@ -112,3 +116,5 @@ class QConv1d(_QConvNd, nn.Conv1d):
     >>> q(torch.randn(1, 2, 10)).shape
     torch.Size([1, 3, 8])
     """
+
+    kind = "conv1d"

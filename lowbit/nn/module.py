@@ -1,20 +1,32 @@
-"""QModule: the mixin every quantized layer shares, and the registry from float classes to it."""
+"""QModule: the mixin every quantized layer shares, and the registry from float classes to it.
+
+A QModule lives in two states. Prepared (``frozen`` False) it fake-quantizes its float weight
+and input in float, with a straight-through gradient: that is what calibration, algorithms and
+training see. Frozen (after :meth:`QModule.freeze`, which ``convert()`` calls, or after
+``load()``) its ``weight`` is a :class:`~lowbit.nn.qtensor.QTensor` (its ``bias`` too when the
+input is static) and its forward runs whichever registered kernel suits the input
+(:mod:`lowbit.nn.kernels`). The module owns how its frozen form is written to and read from a
+``state_dict``, so files, checkpoints and copies all go through the same two methods.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 from torch import nn
 
+from lowbit.nn.kernels import Kernel, KernelChoice, LayerView, choose_kernel
+from lowbit.nn.qtensor import QTensor
 from lowbit.nn.quantizer import Quantizer
-from lowbit.primitives import dequantize, quantize
+from lowbit.nn.state import read_bias, read_weight, write_qtensor
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec, SpecError
 
-__all__ = ["QModule", "register_qmodule", "qmodule_class", "QMODULES"]
+__all__ = ["QModule", "register_qmodule", "qmodule_class", "QMODULES", "QMODULE_KINDS"]
 
 QMODULES: dict[type[nn.Module], type[QModule]] = {}
+QMODULE_KINDS: dict[str, type[QModule]] = {}
 T = TypeVar("T", bound="type[QModule]")
 
 
@@ -22,12 +34,13 @@ def register_qmodule(float_cls: type[nn.Module]) -> Callable[[T], T]:
     """Register a quantized class as the replacement for ``float_cls`` (and its subclasses).
 
     >>> from lowbit.nn import QLinear
-    >>> QMODULES[torch.nn.Linear] is QLinear
-    True
+    >>> QMODULES[torch.nn.Linear] is QLinear, QMODULE_KINDS["linear"] is QLinear
+    (True, True)
     """
 
     def decorator(qcls: T) -> T:
         QMODULES[float_cls] = qcls
+        QMODULE_KINDS[qcls.kind] = qcls
         return qcls
 
     return decorator
@@ -58,27 +71,37 @@ def _check_weight_spec(name: str, weight: torch.Tensor, spec: QuantSpec) -> None
             f"{name}: per_channel axis={gran.axis} does not exist on its {weight.ndim}-d weight "
             f"{tuple(weight.shape)}; use axis 0 (output channels)"
         )
-    if not torch.isfinite(weight).all():
+    if weight.device.type != "meta" and not torch.isfinite(weight).all():
         raise ValueError(
             f"{name}: the weight holds NaN or Inf values; fix or retrain the float model first"
         )
 
 
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Replace parameter or buffer ``name`` by a non-persistent buffer (the module writes its
+    quantized tensors to the state_dict itself)."""
+    module._parameters.pop(name, None)
+    module._buffers.pop(name, None)
+    module.__dict__.pop(name, None)
+    module.register_buffer(name, value, persistent=False)
+
+
 class QModule(nn.Module):
     """Mixin for quantized layers: a weight quantizer, an optional input quantizer, freeze().
 
-    Subclasses also inherit from the float class and implement ``_float_args`` and
-    ``_forward_with``.
+    Subclasses also inherit from the float class, set ``kind`` and implement ``_float_args``
+    and ``float_forward``.
     """
 
+    kind: ClassVar[str] = ""
     weight: torch.Tensor
     bias: torch.Tensor | None
     weight_quantizer: Quantizer | None
     input_quantizer: Quantizer | None
     frozen: bool
-    qweight: torch.Tensor
-    qbias: torch.Tensor
     layer_name: str = ""  # the qualified name prepare() found it under; "" when built by hand
+    kernel_preference: str | None = None  # a kernel name to use when it can; None: the best
+    _runners: dict[tuple[torch.dtype, str], Kernel]
 
     @classmethod
     def from_float(
@@ -94,7 +117,7 @@ class QModule(nn.Module):
             _check_weight_spec(label, cast(torch.Tensor, module.weight), weight)
         if input is not None and isinstance(input.gran, PerGroup):
             raise SpecError(f"{label}: per_group is for weights only; use per_tensor for input")
-        qmod = torch.nn.utils.skip_init(cls, **cls._float_args(module))
+        qmod = torch.nn.utils.skip_init(cls, **cls._float_args(module), device="meta")
         qmod.train(module.training)
         qmod.weight = module.weight
         qmod.bias = module.bias
@@ -102,6 +125,7 @@ class QModule(nn.Module):
         qmod.input_quantizer = Quantizer(input) if input is not None else None
         qmod.frozen = False
         qmod.layer_name = label
+        qmod._runners = {}
         return qmod
 
     @property
@@ -116,40 +140,29 @@ class QModule(nn.Module):
     def _float_args(cls, module: nn.Module) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _forward_with(
+    def float_forward(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
+        """The float layer's computation with the given weight and bias."""
         raise NotImplementedError
 
-    # --- weights -------------------------------------------------------------------------
+    # --- prepared (fake-quant) state -------------------------------------------------------
     def update_weight_qparams(self) -> None:
         """Observe the current float weight and fix the weight qparams from it."""
         if self.weight_quantizer is not None and not self.frozen:
             self.weight_quantizer.observe_tensor(self.weight.detach())
 
     def quantized_weight(self) -> torch.Tensor:
-        """The weight as the quantized layer uses it (fake-quantized float, STE gradient)."""
+        """The weight as the quantized layer uses it: fake-quantized float (STE gradient)
+        while prepared, dequantized integers once frozen."""
+        if isinstance(self.weight, QTensor):
+            return self.weight.dequantize()
         wq = self.weight_quantizer
-        if self.frozen:
-            assert wq is not None and wq.scale is not None and wq.zero_point is not None
-            return dequantize(self.qweight, wq.scale, wq.zero_point, wq.spec.gran)
         if wq is None or not wq.enabled:
             return self.weight
         if wq.scale is None:
             self.update_weight_qparams()
         return wq(self.weight)
-
-    def effective_bias(self) -> torch.Tensor | None:
-        """The bias used in forward: int32 * s_w * s_x after freezing with static input."""
-        if self.frozen and getattr(self, "qbias", None) is not None:
-            return self.qbias.float() * self._bias_scale()
-        return self.bias
-
-    def _bias_scale(self) -> torch.Tensor:
-        wq, iq = self.weight_quantizer, self.input_quantizer
-        assert wq is not None and iq is not None and wq.scale is not None
-        assert iq.scale is not None
-        return (wq.scale * iq.scale).reshape(-1)  # (out,) or ()
 
     def _int_bias_possible(self) -> bool:
         wq, iq = self.weight_quantizer, self.input_quantizer
@@ -163,8 +176,10 @@ class QModule(nn.Module):
         )
 
     def freeze(self) -> None:
-        """Replace the float weight by integers (``qweight``) with fixed scales; bias to int32
-        at scale ``s_w * s_x`` when the input is statically quantized. Idempotent."""
+        """Replace the float weight by a :class:`QTensor` (integers, fixed scales); the bias
+        becomes int32 at scale ``s_w * s_x`` when the input is statically quantized.
+        Idempotent.
+        """
         wq = self.weight_quantizer
         if self.frozen or wq is None:
             return
@@ -176,22 +191,136 @@ class QModule(nn.Module):
         if wq.scale is None:
             self.update_weight_qparams()
         assert wq.scale is not None and wq.zero_point is not None
-        wq.observer = None
-        q = quantize(self.weight.detach(), wq.scale, wq.zero_point, wq.spec.qdtype, wq.spec.gran)
-        del self.weight
-        self.register_buffer("qweight", q)
+        qweight = QTensor.quantize(self.weight, wq.spec, wq.scale, wq.zero_point)
         if self._int_bias_possible():
-            assert self.bias is not None
-            qbias = torch.round(self.bias.detach() / self._bias_scale()).to(torch.int32)
-            del self.bias
-            self.bias = None
-            self.register_buffer("qbias", qbias)
+            iq = self.input_quantizer
+            assert self.bias is not None and iq is not None and iq.scale is not None
+            _set_tensor(self, "bias", QTensor.bias(self.bias, qweight.scale * iq.scale))
+        _set_tensor(self, "weight", qweight)
+        wq.clear_qparams()
         if self.input_quantizer is not None:
             self.input_quantizer.observer = None
         self.frozen = True
+        self._runners = {}
+
+    # --- frozen state: kernels -------------------------------------------------------------
+    def view(self) -> LayerView:
+        """Kind, specs and weight shape: what the choice of a kernel depends on."""
+        wq, iq = self.weight_quantizer, self.input_quantizer
+        return LayerView(
+            kind=self.kind,
+            label=self.label,
+            weight_spec=wq.spec if wq is not None else None,
+            input_spec=iq.spec if iq is not None else None,
+            weight_shape=tuple(self.weight.shape),
+        )
+
+    def kernel_choice(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> KernelChoice:
+        """The kernel this frozen layer runs for inputs of ``dtype`` on ``device``, and why
+        the better-ranked ones were passed over."""
+        return choose_kernel(self.view(), dtype, torch.device(device), self.kernel_preference)
+
+    def set_kernel(self, name: str | None) -> None:
+        """Use kernel ``name`` where it can run this layer (``"reference"``: the simulation);
+        None goes back to the best available."""
+        if name is not None:  # raises for an unknown name
+            choose_kernel(self.view(), torch.float32, torch.device("cpu"), prefer=name)
+        self.kernel_preference = name
+        self._runners = {}
+
+    def runner(self, x: torch.Tensor) -> Kernel:
+        """The prepared kernel for ``x``'s dtype and device (chosen and prepared on first use)."""
+        key = (x.dtype, x.device.type)
+        found = self._runners.get(key)
+        if found is None:
+            found = self.kernel_choice(x.dtype, x.device).kernel(self)
+            self._runners[key] = found
+        return found
+
+    @property
+    def kernel_name(self) -> str:
+        """Name of the kernel a float32 CPU input runs on (``"prepared"`` before freezing)."""
+        return self.kernel_choice().name if self.frozen else "prepared"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self.frozen:
+            return self.runner(x)(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        return self._forward_with(x, self.quantized_weight(), self.effective_bias())
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return self.float_forward(x, self.quantized_weight().to(x.dtype), bias)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QModule:
+        self._runners = {}  # .to(), .half(), ...: prepared kernels hold the old tensors
+        super()._apply(fn, recurse)
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_runners"] = {}  # prepacked kernel data is rebuilt on first use, never copied
+        return state
+
+    # --- state_dict: the module owns its frozen form -----------------------------------------
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in ("weight", "bias"):
+            value = getattr(self, name)
+            if isinstance(value, QTensor):
+                destination.update(write_qtensor(value, prefix + name + "."))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        if prefix + "weight.qdata" in state_dict:
+            try:
+                self._restore_frozen(state_dict, prefix)
+            except ValueError as err:
+                error_msgs.append(f"{prefix or self.label}: {err}")
+                return
+        elif self.frozen:
+            missing_keys.append(prefix + "weight.qdata")
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _restore_frozen(self, state: dict[str, Any], prefix: str) -> None:
+        """Become frozen from the tensors ``_save_to_state_dict`` wrote (consumed from
+        ``state``); shapes and ranges are checked against this layer's own weight."""
+        wq = self.weight_quantizer
+        if wq is None:
+            raise ValueError(
+                "the file holds a quantized weight but this layer's recipe keeps "
+                "its weight in float"
+            )
+        weight = self.weight
+        qweight = read_weight(state, prefix + "weight.", wq.spec, weight.shape, weight.dtype)
+        if prefix + "bias.qdata" in state:
+            if self.bias is None:
+                raise ValueError("the file holds a bias but this layer has none")
+            bias = self.bias
+            _set_tensor(self, "bias", read_bias(state, prefix + "bias.", bias.shape, bias.dtype))
+        _set_tensor(
+            self,
+            "weight",
+            qweight.to(weight.device if weight.device.type != "meta" else qweight.device),
+        )
+        wq.clear_qparams()
+        if self.input_quantizer is not None:
+            self.input_quantizer.observer = None
+            self.input_quantizer.observing = False
+        self.frozen = True
+        self._runners = {}

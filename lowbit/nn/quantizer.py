@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -49,6 +51,41 @@ class Quantizer(nn.Module):
         self.scale = scale.detach().float().clone()
         self.zero_point = zero_point.detach().to(torch.int32).clone()
 
+    def clear_qparams(self) -> None:
+        """Drop the qparams (a frozen weight's QTensor holds them) and the observer."""
+        self.scale = None
+        self.zero_point = None
+        self.observer = None
+        self.observing = False
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # qparams that are not set yet (None buffers) are taken from the state as they are
+        scale, zero = state_dict.get(prefix + "scale"), state_dict.get(prefix + "zero_point")
+        if self.scale is None and isinstance(scale, torch.Tensor):
+            if not isinstance(zero, torch.Tensor) or zero.shape != scale.shape:
+                error_msgs.append(f"{prefix}zero_point is missing or does not match the scale")
+                return
+            if scale.dtype != torch.float32 or not bool(
+                torch.isfinite(scale).all() and (scale > 0).all()
+            ):
+                error_msgs.append(f"{prefix}scale is not float32 finite positive numbers")
+                return
+            self.set_qparams(scale, zero)  # then loaded (copied or assigned) as usual below
+            self.observer = None
+            self.observing = False
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def finish_observing(self) -> None:
         """Turn what the observer saw into qparams and switch to fake-quantization."""
         if self.spec.dynamic:
@@ -81,7 +118,10 @@ class Quantizer(nn.Module):
         if self.observing:
             assert self.observer is not None
             return self.observer(x)
-        scale, zero_point = self.qparams_for(x)
-        return fake_quantize(
-            x, scale, zero_point, self.spec.qdtype, self.spec.gran, self.spec.rounding
+        low = x.dtype in (torch.float16, torch.bfloat16)  # round in float32, then cast back
+        xf = x.float() if low else x
+        scale, zero_point = self.qparams_for(xf)
+        out = fake_quantize(
+            xf, scale, zero_point, self.spec.qdtype, self.spec.gran, self.spec.rounding
         )
+        return out.to(x.dtype) if low else out

@@ -64,7 +64,7 @@ def test_flipped_data_byte_fails_the_checksum(
 ):
     _, src = saved_w8a8
     header = read_header(src)
-    for name in ("stem.qweight", "head.weight_quantizer.scale", "offset"):
+    for name in ("stem.weight.qdata", "head.weight.scale", "offset"):
         path = copy_file(src)
         data = bytearray(path.read_bytes())
         entry = header.tensors[name]
@@ -136,7 +136,7 @@ def test_missing_tensor_key(saved_w8a8: tuple[nn.Module, Path], tmp_path: Path) 
     with safe_open(str(src), framework="pt") as f:
         meta = dict(f.metadata())
     tensors = load_file(src)
-    del tensors["fc1.weight_quantizer.scale"]
+    del tensors["fc1.weight.scale"]
     header = json.loads(meta["lowbit"])
     digest = lowbit.export.header.checksum(
         (k, lowbit.export.checkpoint._raw(v.contiguous())) for k, v in tensors.items()
@@ -145,7 +145,7 @@ def test_missing_tensor_key(saved_w8a8: tuple[nn.Module, Path], tmp_path: Path) 
     meta["lowbit"] = json.dumps(header)
     path = tmp_path / "m.lowbit"
     save_file(tensors, str(path), metadata=meta)
-    assert "missing key 'fc1.weight_quantizer.scale'" in _load_error(path)
+    assert "missing key 'fc1.weight.scale'" in _load_error(path)
 
 
 # --- a model that does not match ------------------------------------------------------------

@@ -15,6 +15,7 @@ from torch import nn
 from lowbit.api import prepared_info, quantize, quantized_layers
 from lowbit.config import QuantConfig, Recipe, Rule
 from lowbit.export import load, read_header, save, theoretical_size
+from lowbit.nn import QTensor
 from lowbit.spec import QuantSpec
 
 RECIPES = ["w8a8", "w8a8-dynamic", "w8a8-pertensor", "w4a8", "w4a16", "w8a16", "w2a8"]
@@ -74,9 +75,9 @@ def test_depthwise_and_int_bias_survive(tmp_path: Path) -> None:
     q = quantized_net("w8a8")
     back = load(save(q, tmp_path / "m.lowbit"), fresh_net())
     dw = back.block.dw
-    assert dw.groups == 8 and tuple(dw.qweight.shape) == (8, 1, 3, 3)
-    assert dw.bias is None and dw.qbias.dtype == torch.int32
-    assert torch.equal(dw.qbias, q.block.dw.qbias)
+    assert dw.groups == 8 and tuple(dw.weight.int_repr().shape) == (8, 1, 3, 3)
+    assert isinstance(dw.bias, QTensor) and dw.bias.qdata.dtype == torch.int32
+    assert torch.equal(dw.bias.qdata, q.block.dw.bias.qdata)
 
 
 def test_mixed_recipe_with_float_layers(tmp_path: Path) -> None:
@@ -142,17 +143,26 @@ def test_w4a16_file_size_is_the_packed_size(tmp_path: Path) -> None:
     assert torch.equal(back(x), q(x))
 
 
-@pytest.mark.parametrize(("recipe", "per_byte"), [("w4a16", 2), ("w2a8", 4), ("w8a16", 1)])
-def test_weights_are_packed_at_their_width(recipe: str, per_byte: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("recipe", "dtype", "shape"),
+    [
+        ("w4a16", "U8", (512 * 512 // 2,)),
+        ("w2a8", "U8", (512 * 512 // 4,)),
+        ("w8a16", "I8", (512, 512)),
+    ],
+)
+def test_weights_are_packed_at_their_width(
+    recipe: str, dtype: str, shape: tuple[int, ...], tmp_path: Path
+) -> None:
     torch.manual_seed(0)
     q = quantize(BigNet(), recipe, data=[torch.randn(16, 512)])
     path = save(q, tmp_path / "big.lowbit")
     header = read_header(path)
-    entry = header.tensors["0.qweight"]
-    assert entry.dtype == "U8" and entry.shape == (512 * 512 // per_byte,)
-    assert entry.nbytes == math.ceil(512 * 512 / per_byte)
+    entry = header.tensors["0.weight.qdata"]
+    assert entry.dtype == dtype and entry.shape == shape
+    assert entry.nbytes == math.prod(shape)
     with safe_open(str(path), framework="pt") as f:
-        assert f.get_tensor("0.qweight").numel() == 512 * 512 // per_byte
+        assert f.get_tensor("0.weight.qdata").numel() == math.prod(shape)
 
 
 @pytest.mark.parametrize(("recipe", "stored"), [("w8a16", None), ("w4a16", 4), ("w2a8", 2)])
@@ -164,12 +174,12 @@ def test_weight_zero_points_cost_their_bits_only(
     torch.manual_seed(0)
     q = quantize(BigNet(), recipe, data=[torch.randn(16, 512)])
     header = read_header(save(q, tmp_path / "big.lowbit"))
-    key = "0.weight_quantizer.zero_point"
+    key = "0.weight.zero_point"
     if stored is None:
         assert key not in header.tensors
-        assert not q[0].weight_quantizer.zero_point.any()
+        assert not q[0].weight.zero_point.any()
     else:
-        groups = q[0].weight_quantizer.zero_point.numel()
+        groups = q[0].weight.zero_point.numel()
         assert header.tensors[key].dtype == "U8"
         assert header.tensors[key].nbytes == math.ceil(groups * stored / 8)
 
