@@ -1,4 +1,4 @@
-"""QTensor, the frozen weight: integers, scale and zero point that still read as the float tensor."""
+"""QTensor, the frozen weight: integers, scale and zero point that read as the float tensor."""
 
 from __future__ import annotations
 
