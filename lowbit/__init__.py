@@ -18,10 +18,13 @@ from lowbit.api import calibrate, convert, prepare, prepared_info, quantize, qua
 from lowbit.config import QuantConfig, Recipe, RecipeError, Rule, list_recipes, load_recipe
 from lowbit.export import CheckpointError, inspect, load, save, theoretical_size
 from lowbit.report.metrics import sqnr_db
+from lowbit.runtime import CompileReport, compile, kernel_report
+from lowbit.runtime import self_test as runtime_self_test
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QDtype, QuantSpec, SpecError
 
 __all__ = [
     "CheckpointError",
+    "CompileReport",
     "PerChannel",
     "PerGroup",
     "PerTensor",
@@ -34,8 +37,10 @@ __all__ = [
     "SpecError",
     "__version__",
     "calibrate",
+    "compile",
     "convert",
     "inspect",
+    "kernel_report",
     "list_recipes",
     "load",
     "load_recipe",
@@ -43,6 +48,7 @@ __all__ = [
     "prepared_info",
     "quantize",
     "quantized_layers",
+    "runtime_self_test",
     "save",
     "sqnr_db",
     "theoretical_size",

@@ -48,6 +48,11 @@ class LayerView:
     weight_spec: QuantSpec | None
     input_spec: QuantSpec | None
     weight_shape: tuple[int, ...]
+    extra: tuple[tuple[str, str], ...] = ()  # kind-specific facts, e.g. a conv's padding mode
+
+    def get(self, key: str, default: str = "") -> str:
+        """One of the ``extra`` facts."""
+        return dict(self.extra).get(key, default)
 
 
 class Kernel:
@@ -59,7 +64,9 @@ class Kernel:
 
     name: ClassVar[str] = "kernel"
     priority: ClassVar[int] = 0
-    integer: ClassVar[bool] = True  # False: computes in float (the simulation)
+    # True: the same integers and float32 arithmetic as the simulation (agreement limited by
+    # float rounding order); False: it rounds activations to a narrower float (bfloat16)
+    exact: ClassVar[bool] = True
 
     def __init__(self, layer: QModule) -> None:
         self.layer = layer
@@ -125,11 +132,13 @@ def choose_kernel(
     dtype: torch.dtype,
     device: torch.device,
     prefer: str | None = None,
+    exact_only: bool = False,
 ) -> KernelChoice:
     """The best kernel that can run the layer ``view`` describes on ``dtype``/``device`` inputs.
 
     ``prefer`` names one kernel to use when it can run the layer (``"reference"`` runs the
-    simulation); otherwise the registry order decides.
+    simulation); otherwise the registry order decides. ``exact_only`` passes over kernels
+    that round activations to a narrower float than the simulation (``Kernel.exact``).
 
     >>> from lowbit.nn import QLinear
     >>> from lowbit.spec import QuantSpec
@@ -152,6 +161,8 @@ def choose_kernel(
     passed: list[tuple[str, str]] = []
     for cls in candidates:
         reason = cls.unsupported(view, dtype, device)
+        if reason is None and exact_only and not cls.exact:
+            reason = "rounds activations to bfloat16 (exact kernels only)"
         if reason is None:
             return KernelChoice(cls, tuple(passed))
         passed.append((cls.name, reason))
@@ -168,7 +179,6 @@ class ReferenceKernel(Kernel):
 
     name = "reference"
     priority = -1000
-    integer = False
 
     @classmethod
     def unsupported(cls, view: LayerView, dtype: torch.dtype, device: torch.device) -> str | None:

@@ -91,6 +91,11 @@ class _QConvNd(QModule):
         assert isinstance(self, nn.modules.conv._ConvNd)
         _check_conv_input(self, self.label, x)
 
+    def _view_extra(self) -> tuple[tuple[str, str], ...]:
+        assert isinstance(self, nn.modules.conv._ConvNd)
+        padding = self.padding if isinstance(self.padding, str) else "explicit"
+        return (("padding", padding), ("padding_mode", self.padding_mode))
+
 
 @register_qmodule(nn.Conv2d)
 class QConv2d(_QConvNd, nn.Conv2d):

@@ -101,6 +101,7 @@ class QModule(nn.Module):
     frozen: bool
     layer_name: str = ""  # the qualified name prepare() found it under; "" when built by hand
     kernel_preference: str | None = None  # a kernel name to use when it can; None: the best
+    exact_kernels_only: bool = False  # True: skip kernels that round activations to bfloat16
     _runners: dict[tuple[torch.dtype, str], Kernel]
 
     @classmethod
@@ -213,29 +214,58 @@ class QModule(nn.Module):
             weight_spec=wq.spec if wq is not None else None,
             input_spec=iq.spec if iq is not None else None,
             weight_shape=tuple(self.weight.shape),
+            extra=self._view_extra(),
         )
+
+    def _view_extra(self) -> tuple[tuple[str, str], ...]:
+        """Kind-specific facts a kernel may need to decide (see :class:`LayerView`)."""
+        return ()
 
     def kernel_choice(
         self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
     ) -> KernelChoice:
         """The kernel this frozen layer runs for inputs of ``dtype`` on ``device``, and why
         the better-ranked ones were passed over."""
-        return choose_kernel(self.view(), dtype, torch.device(device), self.kernel_preference)
+        return choose_kernel(
+            self.view(),
+            dtype,
+            torch.device(device),
+            self.kernel_preference,
+            self.exact_kernels_only,
+        )
 
-    def set_kernel(self, name: str | None) -> None:
+    def set_kernel(self, name: str | None, exact_only: bool | None = None) -> None:
         """Use kernel ``name`` where it can run this layer (``"reference"``: the simulation);
-        None goes back to the best available."""
+        None goes back to the best available. ``exact_only`` skips the kernels that round
+        activations to bfloat16 (None leaves that setting as it is)."""
         if name is not None:  # raises for an unknown name
             choose_kernel(self.view(), torch.float32, torch.device("cpu"), prefer=name)
         self.kernel_preference = name
+        if exact_only is not None:
+            self.exact_kernels_only = exact_only
         self._runners = {}
 
     def runner(self, x: torch.Tensor) -> Kernel:
-        """The prepared kernel for ``x``'s dtype and device (chosen and prepared on first use)."""
-        key = (x.dtype, x.device.type)
+        """The prepared kernel for ``x``'s dtype and device (chosen and prepared on first use).
+
+        An input that needs a gradient runs the reference kernel (the integer kernels are
+        inference-only), so a frozen layer stays differentiable with respect to its input.
+        """
+        if x.requires_grad and torch.is_grad_enabled():
+            return self.kernel_for(x.dtype, x.device, grad=True)
+        return self.kernel_for(x.dtype, x.device)
+
+    def kernel_for(
+        self, dtype: torch.dtype, device: torch.device | str = "cpu", grad: bool = False
+    ) -> Kernel:
+        """The prepared kernel for inputs of ``dtype`` on ``device`` (cached on the layer)."""
+        device = torch.device(device)
+        key = (dtype, "grad" if grad else device.type)
         found = self._runners.get(key)
         if found is None:
-            found = self.kernel_choice(x.dtype, x.device).kernel(self)
+            prefer = "reference" if grad else self.kernel_preference
+            choice = choose_kernel(self.view(), dtype, device, prefer, self.exact_kernels_only)
+            found = choice.kernel(self)
             self._runners[key] = found
         return found
 

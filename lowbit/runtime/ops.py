@@ -1,0 +1,361 @@
+"""The one place lowbit calls private torch ops: oneDNN int8 matmul and convolution, and the
+weight-only int8/int4 CPU matmuls.
+
+Every op here is private to torch and may change in any release, so each has a self-test
+(:func:`self_test`) that runs it on a tiny input against a float reference; a kernel that
+uses an op asks :func:`available` first, and an op whose self-test fails is simply not used
+(its layers fall back to the next kernel, ultimately the float simulation). A torch upgrade
+then breaks this file's tests loudly instead of the package quietly. What each op needs on
+this kind of CPU is in shared/RUNTIME-NOTES.md: the fast int8 paths want uint8 activations
+and symmetric int8 weights; the weight-only paths are fast in bfloat16 only.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "available",
+    "self_test",
+    "bf16_fast",
+    "qlinear_prepack",
+    "qlinear",
+    "qconv_prepack",
+    "qconv",
+    "qconv_add",
+    "weight_int8_mm",
+    "int4_block_n",
+    "int4_pack",
+    "int4_unpack",
+    "int4_mm",
+]
+
+_ONEDNN = torch.ops.onednn
+_ATEN = torch.ops.aten
+
+
+# --- oneDNN int8 matmul ----------------------------------------------------------------------
+def qlinear_prepack(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's packed form of an int8 ``(out, in)`` weight (an opaque tensor)."""
+    return _ONEDNN.qlinear_prepack(weight, None)
+
+
+def qlinear(
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero: int,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    relu: bool = False,
+    out_scale: float = 1.0,
+    out_zero: int = 0,
+) -> torch.Tensor:
+    """``(x - x_zero) * x_scale @ (w * w_scale).T + bias`` with ``x`` uint8 ``(..., in)``, int8
+    weights and an int32 accumulator; float ``out_dtype`` output, or uint8 requantized at
+    ``out_scale``/``out_zero``; ``relu`` fused."""
+    return _ONEDNN.qlinear_pointwise(
+        x,
+        x_scale,
+        x_zero,
+        packed,
+        w_scale,
+        w_zero,
+        bias,
+        out_scale,
+        out_zero,
+        out_dtype,
+        "relu" if relu else "none",
+        [],
+        "",
+    )
+
+
+# --- oneDNN int8 convolution ----------------------------------------------------------------
+def qconv_prepack(
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """oneDNN's packed form of an int8 ``(out, in/groups, *kernel)`` conv weight."""
+    if weight.ndim == 4:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    return _ONEDNN.qconv_prepack(
+        weight, w_scale, 1.0, 0, list(stride), list(padding), list(dilation), groups, None
+    )
+
+
+def qconv(
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero: int,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    geometry: tuple[list[int], list[int], list[int], int],
+    out_dtype: torch.dtype,
+    relu: bool = False,
+    out_scale: float = 1.0,
+    out_zero: int = 0,
+) -> torch.Tensor:
+    """Int8 convolution of a uint8 input (channels_last for 2-d); ``geometry`` is (stride,
+    padding, dilation, groups). Float output, or uint8 at ``out_scale``/``out_zero``."""
+    op = _ONEDNN.qconv2d_pointwise if x.ndim == 4 else _ONEDNN.qconv1d_pointwise
+    return op(
+        x,
+        x_scale,
+        x_zero,
+        packed,
+        w_scale,
+        w_zero,
+        bias,
+        *geometry,
+        out_scale,
+        out_zero,
+        out_dtype,
+        "relu" if relu else "none",
+        [],
+        "",
+    )
+
+
+def qconv_add(
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero: int,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    geometry: tuple[list[int], list[int], list[int], int],
+    accum: torch.Tensor,
+    accum_scale: float,
+    accum_zero: int,
+    relu: bool = False,
+    out_scale: float = 1.0,
+    out_zero: int = 0,
+) -> torch.Tensor:
+    """``conv(x) + (accum - accum_zero) * accum_scale`` (+ ReLU) in one 2-d oneDNN call.
+
+    ``accum`` (channels_last) is overwritten with the result and returned; it has the output's
+    dtype: float, or uint8 requantized at ``out_scale``/``out_zero``.
+    """
+    return _ONEDNN.qconv2d_pointwise.binary(
+        x,
+        x_scale,
+        x_zero,
+        packed,
+        w_scale,
+        w_zero,
+        accum,
+        bias,
+        *geometry,
+        out_scale,
+        out_zero,
+        accum.dtype,
+        accum_scale,
+        accum_zero,
+        "sum",
+        1.0,
+        "relu" if relu else None,
+        [],
+        None,
+    )
+
+
+# --- weight-only matmuls --------------------------------------------------------------------
+def weight_int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (weight * scale).T`` for a 2-d ``x`` (bfloat16 for the vectorized path), int8
+    ``(out, in)`` weight and per-output-channel ``scale`` in ``x``'s dtype."""
+    return _ATEN._weight_int8pack_mm(x, weight, scale)
+
+
+def int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """The CPU int4 matmul's packed weight from unsigned 4-bit values ``(out, in)`` in 0..15."""
+    return _ATEN._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+
+
+def _unpack_blocked(packed: torch.Tensor, rows: int, cols: int, block: int) -> torch.Tensor:
+    """Inverse of the CPU int4 packing: rows are packed ``block`` at a time; within a block,
+    byte ``(k, j)`` holds row ``j``'s value at column ``k`` in its low nibble and row
+    ``j + block/2``'s in its high nibble."""
+    half = block // 2
+    view = packed.reshape(rows // block, cols, half)  # (blocks, in, block/2)
+    low, high = view & 0xF, view >> 4
+    both = torch.cat([low, high], dim=2)  # (blocks, in, block)
+    return both.permute(0, 2, 1).reshape(rows, cols)  # (out, in)
+
+
+@functools.cache
+def int4_block_n() -> int | None:
+    """How many output rows the CPU int4 packing interleaves (64 with AVX-512, 32 with AVX2),
+    found by packing a probe; None when no known layout matches (the int4 kernel is then off).
+    """
+    rows, cols = 128, 64
+    probe = (torch.arange(rows * cols, dtype=torch.int32).reshape(rows, cols) * 7) % 16
+    try:
+        packed = int4_pack(probe)
+    except RuntimeError:
+        return None
+    for block in (64, 32, 16):
+        back = _unpack_blocked(packed, rows, cols, block)
+        if torch.equal(back.to(torch.int32), probe):
+            return block
+    return None
+
+
+def int4_unpack(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The unsigned 4-bit values ``(out, in)`` (uint8) of a weight packed by :func:`int4_pack`."""
+    block = int4_block_n()
+    if block is None or rows % block:
+        raise RuntimeError("the CPU int4 packing of this torch build is not understood")
+    return _unpack_blocked(packed, rows, cols, block)
+
+
+def int4_mm(
+    x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_zeros: torch.Tensor
+) -> torch.Tensor:
+    """``x @ W.T`` with ``W[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n]`` for group ``g = k //
+    group_size``; ``scale_zeros`` is ``(in/group_size, out, 2)`` in ``x``'s dtype."""
+    return _ATEN._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zeros)
+
+
+def bf16_fast() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+# --- self-tests -----------------------------------------------------------------------------
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> str | None:
+    err = (got.float() - want.float()).abs().max().item()
+    scale = want.float().abs().max().item() or 1.0
+    return None if err <= tol * scale else f"max error {err:.3g} against {scale:.3g}"
+
+
+def _test_qlinear() -> str | None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (16, 32), dtype=torch.int8, generator=gen)
+    ws = torch.rand(16, generator=gen) * 0.01 + 0.001
+    x = torch.randint(0, 256, (3, 32), dtype=torch.uint8, generator=gen)
+    bias = torch.randn(16, generator=gen)
+    zeros = torch.zeros(16, dtype=torch.int32)
+    got = qlinear(x, 0.05, 120, qlinear_prepack(w), ws, zeros, bias, torch.float32, relu=True)
+    want = torch.relu(F.linear((x.float() - 120) * 0.05, w.float() * ws[:, None], bias))
+    return _close(got, want, 1e-4)
+
+
+def _test_qconv() -> str | None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (8, 4, 3, 3), dtype=torch.int8, generator=gen)
+    ws = torch.rand(8, generator=gen) * 0.01 + 0.001
+    zeros = torch.zeros(8, dtype=torch.int32)
+    x = torch.randint(0, 256, (2, 4, 6, 6), dtype=torch.uint8, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last)
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    packed = qconv_prepack(w, ws, *geometry)
+    dense = F.conv2d((x.float() - 100) * 0.02, w.float() * ws[:, None, None, None], None, 1, 1)
+    got = qconv(x, 0.02, 100, packed, ws, zeros, None, geometry, torch.float32)
+    problem = _close(got, dense, 1e-4)
+    if problem is not None:
+        return problem
+    accum = torch.randn(dense.shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    want = torch.relu(dense + accum)
+    got = qconv_add(x, 0.02, 100, packed, ws, zeros, None, geometry, accum.clone(), 1.0, 0, True)
+    return _close(got, want, 1e-4)
+
+
+def _test_qconv1d() -> str | None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (8, 4, 3), dtype=torch.int8, generator=gen)
+    ws = torch.rand(8, generator=gen) * 0.01 + 0.001
+    x = torch.randint(0, 256, (2, 4, 9), dtype=torch.uint8, generator=gen)
+    geometry = ([1], [1], [1], 1)
+    packed = qconv_prepack(w, ws, *geometry)
+    zeros = torch.zeros(8, dtype=torch.int32)
+    got = qconv(x, 0.02, 100, packed, ws, zeros, None, geometry, torch.float32)
+    want = F.conv1d((x.float() - 100) * 0.02, w.float() * ws[:, None, None], None, 1, 1)
+    return _close(got, want, 1e-4)
+
+
+def _test_weight_int8() -> str | None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (16, 32), dtype=torch.int8, generator=gen)
+    scale = torch.rand(16, generator=gen) * 0.01 + 0.001
+    x = torch.randn(3, 32, generator=gen).bfloat16()
+    got = weight_int8_mm(x, w, scale.bfloat16())
+    want = x.float() @ (w.float() * scale.bfloat16().float()[:, None]).t()
+    return _close(got, want, 2e-2)
+
+
+def _test_int4() -> str | None:
+    if int4_block_n() is None:
+        return "the packed layout matches no known blocking"
+    gen = torch.Generator().manual_seed(0)
+    rows, cols, group = 64, 64, 32
+    q = torch.randint(0, 16, (rows, cols), dtype=torch.int32, generator=gen)
+    packed = int4_pack(q)
+    if not torch.equal(int4_unpack(packed, rows, cols).to(torch.int32), q):
+        return "unpacking does not give back the packed values"
+    scale = torch.rand(cols // group, rows, generator=gen) * 0.05 + 0.01
+    zero = torch.randn(cols // group, rows, generator=gen) * 0.01
+    scale_zeros = torch.stack([scale, zero], dim=-1).bfloat16()  # (groups, out, 2)
+    x = torch.randn(3, cols, generator=gen).bfloat16()
+    got = int4_mm(x, packed, group, scale_zeros)
+    sz = scale_zeros.float()
+    w = (q.float() - 8).reshape(rows, cols // group, group) * sz[..., 0].t()[..., None]
+    w = (w + sz[..., 1].t()[..., None]).reshape(rows, cols)  # (out, in)
+    return _close(got, x.float() @ w.t(), 2e-2)
+
+
+SELF_TESTS: dict[str, Callable[[], str | None]] = {
+    "onednn_qlinear": _test_qlinear,
+    "onednn_qconv2d": _test_qconv,
+    "onednn_qconv1d": _test_qconv1d,
+    "weight_int8_mm": _test_weight_int8,
+    "int4_mm": _test_int4,
+}
+
+
+def _platform_problem() -> str | None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the oneDNN int8 paths are checked on x86-64 only (this is {platform.machine()})"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN (mkldnn)"
+    return None
+
+
+@functools.cache
+def available(op: str) -> str | None:
+    """None when ``op`` (a key of :data:`SELF_TESTS`) works on this machine and torch build,
+    otherwise why not; the self-test runs once per process.
+
+    >>> available("onednn_qlinear") is None or isinstance(available("onednn_qlinear"), str)
+    True
+    """
+    problem = _platform_problem()
+    if problem is not None:
+        return problem
+    try:
+        return SELF_TESTS[op]()
+    except (RuntimeError, AttributeError, NotImplementedError, TypeError) as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+
+
+def self_test() -> dict[str, str | None]:
+    """Every private op's self-test: op name -> None (works) or the problem.
+
+    >>> sorted(self_test())
+    ['int4_mm', 'onednn_qconv1d', 'onednn_qconv2d', 'onednn_qlinear', 'weight_int8_mm']
+    """
+    return {op: available(op) for op in SELF_TESTS}
