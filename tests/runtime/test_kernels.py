@@ -170,7 +170,8 @@ def test_preferring_an_unknown_kernel_is_a_clear_error() -> None:
 
 def test_a_narrow_weight_range_runs_on_the_int8_kernel() -> None:
     spec = QuantSpec("int8", "per_channel", narrow_range=True)
-    recipe = lowbit.Recipe(lowbit.QuantConfig(weight=spec, input=QuantSpec("uint8", symmetric=False)))
+    config = lowbit.QuantConfig(weight=spec, input=QuantSpec("uint8", symmetric=False))
+    recipe = lowbit.Recipe(config)
     x = torch.randn(4, 32)
     net = lowbit.quantize(nn.Sequential(nn.Linear(32, 16)), recipe, data=[x])
     assert int(net[0].weight.int_repr().min()) >= -127
