@@ -20,7 +20,7 @@ from torch import nn
 from lowbit.nn import Kernel, LayerView, QModule, QTensor, as_float, register_kernel
 from lowbit.runtime import ops
 from lowbit.runtime.activation import ActivationGrid, u8_problem
-from lowbit.runtime.linear import symmetric_int8_problem
+from lowbit.runtime.linear import bf16_problem, symmetric_int8_problem
 from lowbit.spec import PerToken
 
 __all__ = ["OneDNNInt8Conv", "BF16DequantConv"]
@@ -136,9 +136,7 @@ class BF16DequantConv(Kernel):
             return "the input is quantized too (not a weight-only layer)"
         if device.type != "cpu" or dtype not in _FLOATS:
             return f"{dtype} inputs on {device.type}"
-        if not ops.bf16_fast():
-            return "this CPU has no native bfloat16"
-        return None
+        return bf16_problem(view)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
