@@ -10,6 +10,7 @@ mode). Measured when the floors were set, on this test's seed and [min over 6 se
     w8a8-pertensor  49.8  [45.3]      floor 40
     w4a8            30.7  [25.7]      floor 21
     w4a16           27.5  [25.7]      floor 21
+    w4a16-g128      27.6  [26.1]      floor 21   (groups of 128 cover this model's small layers)
     w2a8            11.6  [10.4]      floor 7   (low but finite)
 
 A new shipped recipe must add its own measured floor here.
@@ -33,6 +34,7 @@ SQNR_FLOOR_DB = {
     "w8a8-pertensor": 40.0,
     "w4a8": 21.0,
     "w4a16": 21.0,
+    "w4a16-g128": 21.0,
     "w2a8": 7.0,
 }
 RECIPES = sorted(list_recipes())

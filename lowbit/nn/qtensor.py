@@ -23,7 +23,14 @@ from typing import Any, ClassVar
 import torch
 from torch.utils._pytree import tree_map_only
 
-from lowbit.primitives import dequantize, pack_bits, qparam_shape, quantize, unpack_bits
+from lowbit.primitives import (
+    dequantize,
+    pack_bits,
+    qparam_shape,
+    quantize,
+    storage_dtype,
+    unpack_bits,
+)
 from lowbit.spec import Granularity, PerChannel, PerTensor, QDtype, QuantSpec
 
 __all__ = ["QTensor", "Layout", "LAYOUTS", "register_layout", "INT32"]
@@ -71,6 +78,16 @@ register_layout(Layout("packed", _packed))
 def _storage_for(qdtype: QDtype | None) -> str:
     """The layout a freshly quantized tensor is kept in: packed below 8 bits, plain otherwise."""
     return "packed" if qdtype is not None and qdtype.storage_bits < 8 else "plain"
+
+
+def _compact_zero(zero: torch.Tensor, qdtype: QDtype | None) -> torch.Tensor:
+    """Zero points in the grid's own storage dtype (one byte each for up to 8 bits), which
+    they always fit; per-group int4 weights then carry 1 byte of zero point per group, not 4."""
+    if qdtype is None:
+        return zero
+    if zero.numel() and (int(zero.min()) < qdtype.qmin or int(zero.max()) > qdtype.qmax):
+        return zero.to(torch.int32)
+    return zero.to(storage_dtype(qdtype))
 
 
 class QTensor(torch.Tensor):
@@ -180,6 +197,7 @@ class QTensor(torch.Tensor):
         """
         layout = _storage_for(qdtype)
         data = pack_bits(q, qdtype) if layout == "packed" and qdtype is not None else q
+        zero_point = _compact_zero(zero_point, qdtype)
         return cls(data, scale, zero_point, qdtype, granularity, q.shape, dtype, layout, spec)
 
     @classmethod
