@@ -123,23 +123,45 @@ def _fmt(value: float | None, spec: str) -> str:
 def table(rows: list[Row], title: str) -> Table:
     """The rows as a rich table."""
     out = Table(title=title)
-    for col in ("benchmark", "toolkit", "method", "backend", "ms", "× fp32 eager",
-                "× best fp32", "file MiB", "quality", "quantize s"):
-        out.add_column(col, justify="left" if col in ("benchmark", "toolkit", "method",
-                                                      "backend") else "right")
+    for col in (
+        "benchmark",
+        "toolkit",
+        "method",
+        "backend",
+        "ms",
+        "× fp32 eager",
+        "× best fp32",
+        "file MiB",
+        "quality",
+        "quantize s",
+    ):
+        out.add_column(
+            col, justify="left" if col in ("benchmark", "toolkit", "method", "backend") else "right"
+        )
     for r in rows:
         quality = "—" if r.quality is None else f"{r.quality_name} {r.quality:.4f}"
         size = None if r.file_bytes is None else r.file_bytes / 2**20
-        out.add_row(r.benchmark, r.toolkit, r.method, r.backend, _fmt(r.latency_ms, ".3f"),
-                    _fmt(r.speedup_eager, ".2f"), _fmt(r.speedup_best_fp32, ".2f"),
-                    _fmt(size, ".2f"), quality, _fmt(r.quantize_s, ".1f"))
+        out.add_row(
+            r.benchmark,
+            r.toolkit,
+            r.method,
+            r.backend,
+            _fmt(r.latency_ms, ".3f"),
+            _fmt(r.speedup_eager, ".2f"),
+            _fmt(r.speedup_best_fp32, ".2f"),
+            _fmt(size, ".2f"),
+            quality,
+            _fmt(r.quantize_s, ".1f"),
+        )
     return out
 
 
 def markdown(rows: list[Row]) -> str:
     """The rows as one Markdown table."""
-    head = ("| benchmark | toolkit | method | backend | ms | × fp32 eager | × best fp32 | "
-            "file MiB | quality | quantize s |")
+    head = (
+        "| benchmark | toolkit | method | backend | ms | × fp32 eager | × best fp32 | "
+        "file MiB | quality | quantize s |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         quality = "" if r.quality is None else f"{r.quality_name} {r.quality:.4f}"

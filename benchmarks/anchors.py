@@ -1,0 +1,251 @@
+"""The other toolkits, set up the way their own documentation does: torch FP32 on
+onnxruntime, torch.ao (dynamic and FX static, x86), torchao (int8 dynamic, int8 and int4
+weight-only) and onnxruntime's own quantizer (dynamic and static QDQ).
+
+Each function returns ``(Row, run)`` pairs: a row template (toolkit, method, backend, file
+size, time to quantize) and a function from a batch to the output.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmarks.harness import THREADS, Row, torch_save_bytes
+
+Run = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _session(path: Path) -> object:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_run(path: Path) -> Run:
+    session = _session(path)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])  # type: ignore[attr-defined]
+
+    return run
+
+
+def export_fp32(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """The float model as ONNX with a dynamic batch dimension."""
+    torch.onnx.export(
+        model.eval(),
+        (example,),
+        str(path),
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+        dynamo=False,
+    )
+    return path
+
+
+def fp32_onnxruntime(
+    model: nn.Module, example: torch.Tensor, folder: Path
+) -> list[tuple[Row, Run]]:
+    """The FP32 model on onnxruntime (a second float baseline)."""
+    path = export_fp32(model, example, folder / "fp32.onnx")
+    return [
+        (
+            Row(
+                "",
+                "onnxruntime",
+                "fp32",
+                "onnxruntime",
+                file_bytes=path.stat().st_size,
+                quantize_s=0.0,
+            ),
+            _ort_run(path),
+        )
+    ]
+
+
+def torch_ao_dynamic(model: nn.Module) -> list[tuple[Row, Run]]:
+    """torch.ao ``quantize_dynamic``: int8 weights, per-batch uint8 activations (fbgemm)."""
+    start = time.perf_counter()
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, torch.qint8)
+    seconds = time.perf_counter() - start
+    return [
+        (
+            Row(
+                "",
+                "torch.ao",
+                "dynamic int8",
+                "eager",
+                file_bytes=torch_save_bytes(q),
+                quantize_s=seconds,
+            ),
+            q,
+        )
+    ]
+
+
+def torch_ao_static(model: nn.Module, calibration: Iterable[torch.Tensor]) -> list[tuple[Row, Run]]:
+    """torch.ao FX graph mode, x86 backend: int8 per-channel weights, uint8 static inputs."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    batches = list(calibration)
+    start = time.perf_counter()
+    torch.backends.quantized.engine = "x86"
+    prepared = prepare_fx(
+        copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (batches[0],)
+    )
+    with torch.no_grad():
+        for batch in batches:
+            prepared(batch)
+    q = convert_fx(prepared)
+    seconds = time.perf_counter() - start
+    return [
+        (
+            Row(
+                "",
+                "torch.ao",
+                "static int8 (FX, x86)",
+                "eager",
+                file_bytes=torch_save_bytes(q),
+                quantize_s=seconds,
+            ),
+            q,
+        )
+    ]
+
+
+def torchao_rows(model: nn.Module) -> list[tuple[Row, Run]]:
+    """torchao 0.18 on the CPU: int8 dynamic (per-token), int8 weight-only (float32 eager)
+    and int4 weight-only (its prototype CPU path; bfloat16, as that kernel wants)."""
+    try:
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        from torchao.quantization import (
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+            quantize_,
+        )
+    except ImportError as err:
+        print(f"torchao rows skipped: {err}")
+        return []
+    out: list[tuple[Row, Run]] = []
+    configs: list[tuple[str, object, torch.dtype]] = [
+        ("int8 dynamic", Int8DynamicActivationInt8WeightConfig(), torch.float32),
+        ("int8 weight-only", Int8WeightOnlyConfig(), torch.float32),
+        ("int4 weight-only g128", PrototypeInt4WeightOnlyConfig(group_size=128), torch.bfloat16),
+    ]
+    for method, config, dtype in configs:
+        start = time.perf_counter()
+        q = copy.deepcopy(model).to(dtype)
+        try:
+            quantize_(q, config)
+        except (RuntimeError, NotImplementedError, AssertionError) as err:
+            print(f"torchao {method} skipped: {err}")
+            continue
+        seconds = time.perf_counter() - start
+
+        def run(x: torch.Tensor, q: nn.Module = q, dtype: torch.dtype = dtype) -> torch.Tensor:
+            return q(x.to(dtype)).float()
+
+        backend = "eager" if dtype == torch.float32 else "eager, bfloat16"
+        out.append(
+            (
+                Row(
+                    "",
+                    "torchao",
+                    method,
+                    backend,
+                    file_bytes=torch_save_bytes(q),
+                    quantize_s=seconds,
+                ),
+                run,
+            )
+        )
+    return out
+
+
+def onnxruntime_dynamic(
+    model: nn.Module, example: torch.Tensor, folder: Path
+) -> list[tuple[Row, Run]]:
+    """onnxruntime ``quantize_dynamic``: int8 weights, per-tensor uint8 activations."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    start = time.perf_counter()
+    fp32 = export_fp32(model, example, folder / "dyn_fp32.onnx")
+    q_path = folder / "dyn_int8.onnx"
+    quantize_dynamic(str(fp32), str(q_path), weight_type=QuantType.QInt8)
+    seconds = time.perf_counter() - start
+    return [
+        (
+            Row(
+                "",
+                "onnxruntime",
+                "dynamic int8",
+                "onnxruntime",
+                file_bytes=q_path.stat().st_size,
+                quantize_s=seconds,
+            ),
+            _ort_run(q_path),
+        )
+    ]
+
+
+def onnxruntime_static(
+    model: nn.Module, calibration: list[torch.Tensor], folder: Path
+) -> list[tuple[Row, Run]]:
+    """onnxruntime ``quantize_static``: QDQ, int8 per-channel weights, uint8 activations."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"x": batch.numpy()}
+
+    start = time.perf_counter()
+    fp32 = export_fp32(model, calibration[0], folder / "static_fp32.onnx")
+    pre, q_path = folder / "static_pre.onnx", folder / "static_int8.onnx"
+    quant_pre_process(str(fp32), str(pre))
+    quantize_static(
+        str(pre),
+        str(q_path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    seconds = time.perf_counter() - start
+    return [
+        (
+            Row(
+                "",
+                "onnxruntime",
+                "static QDQ int8",
+                "onnxruntime",
+                file_bytes=q_path.stat().st_size,
+                quantize_s=seconds,
+            ),
+            _ort_run(q_path),
+        )
+    ]
