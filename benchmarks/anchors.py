@@ -125,9 +125,15 @@ def torch_ao_static(model: nn.Module, calibration: Iterable[torch.Tensor]) -> li
     ]
 
 
-def torchao_rows(model: nn.Module) -> list[tuple[Row, Run]]:
-    """torchao 0.18 on the CPU: int8 dynamic (per-token), int8 weight-only (float32 eager)
-    and int4 weight-only (its prototype CPU path; bfloat16, as that kernel wants)."""
+TORCHAO_METHODS = ("int8 dynamic", "int8 weight-only", "int4 weight-only g128")
+
+
+def torchao_models(
+    model: nn.Module, methods: tuple[str, ...] = TORCHAO_METHODS
+) -> list[tuple[Row, nn.Module, torch.dtype]]:
+    """torchao 0.18 on the CPU: int8 dynamic (per-token), int8 weight-only (float32, eager)
+    and int4 weight-only (its prototype CPU path, in bfloat16 as that kernel wants); each
+    with the dtype its inputs must have."""
     try:
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
         from torchao.quantization import (
@@ -138,13 +144,14 @@ def torchao_rows(model: nn.Module) -> list[tuple[Row, Run]]:
     except ImportError as err:
         print(f"torchao rows skipped: {err}")
         return []
-    out: list[tuple[Row, Run]] = []
-    configs: list[tuple[str, object, torch.dtype]] = [
-        ("int8 dynamic", Int8DynamicActivationInt8WeightConfig(), torch.float32),
-        ("int8 weight-only", Int8WeightOnlyConfig(), torch.float32),
-        ("int4 weight-only g128", PrototypeInt4WeightOnlyConfig(group_size=128), torch.bfloat16),
-    ]
-    for method, config, dtype in configs:
+    configs: dict[str, tuple[object, torch.dtype]] = {
+        "int8 dynamic": (Int8DynamicActivationInt8WeightConfig(), torch.float32),
+        "int8 weight-only": (Int8WeightOnlyConfig(), torch.float32),
+        "int4 weight-only g128": (PrototypeInt4WeightOnlyConfig(group_size=128), torch.bfloat16),
+    }
+    out = []
+    for method in methods:
+        config, dtype = configs[method]
         start = time.perf_counter()
         q = copy.deepcopy(model).to(dtype)
         try:
@@ -153,24 +160,23 @@ def torchao_rows(model: nn.Module) -> list[tuple[Row, Run]]:
             print(f"torchao {method} skipped: {err}")
             continue
         seconds = time.perf_counter() - start
+        backend = "eager" if dtype == torch.float32 else "eager, bfloat16"
+        row = Row(
+            "", "torchao", method, backend, file_bytes=torch_save_bytes(q), quantize_s=seconds
+        )
+        out.append((row, q, dtype))
+    return out
+
+
+def torchao_rows(model: nn.Module) -> list[tuple[Row, Run]]:
+    """:func:`torchao_models` as runnable rows (inputs cast to each model's dtype)."""
+    out: list[tuple[Row, Run]] = []
+    for row, q, dtype in torchao_models(model):
 
         def run(x: torch.Tensor, q: nn.Module = q, dtype: torch.dtype = dtype) -> torch.Tensor:
             return q(x.to(dtype)).float()
 
-        backend = "eager" if dtype == torch.float32 else "eager, bfloat16"
-        out.append(
-            (
-                Row(
-                    "",
-                    "torchao",
-                    method,
-                    backend,
-                    file_bytes=torch_save_bytes(q),
-                    quantize_s=seconds,
-                ),
-                run,
-            )
-        )
+        out.append((row, run))
     return out
 
 

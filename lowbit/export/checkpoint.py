@@ -35,6 +35,7 @@ from lowbit.export.header import (
 )
 from lowbit.export.rebuild import rebuild
 from lowbit.nn import QModule, QTensor
+from lowbit.runtime.ops import release_free_memory
 
 __all__ = ["save", "load", "theoretical_size", "SUFFIX"]
 
@@ -177,11 +178,14 @@ def _verify(header: Header) -> None:
 
 
 def _read_tensors(header: Header) -> dict[str, torch.Tensor]:
-    """Each tensor read once from the memory-mapped file (safetensors, no pickle)."""
+    """Each tensor read once from the memory-mapped file (safetensors, no pickle) into memory
+    of its own, so the mapping is released when the file closes: the loaded model never
+    depends on the file staying as it is, and only one copy of each tensor outlives the load.
+    """
     path = header.path
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
-            return {key: f.get_tensor(key) for key in header.tensors}
+            return {key: f.get_tensor(key).clone() for key in header.tensors}
     except (safetensors.SafetensorError, OSError) as err:
         raise CheckpointError(
             f"{str(path)!r}: safetensors could not read the tensors ({err}); the file is "
@@ -212,7 +216,10 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
     tensors = _read_tensors(header)
     if Path(path).stat().st_size != header.file_size:
         raise CheckpointError(f"{str(path)!r}: the file changed while it was read; load it again")
-    return rebuild(header, tensors, model).eval()
+    loaded = rebuild(header, tensors, model).eval()
+    del tensors
+    release_free_memory()  # the mapping's pages and the read buffers, not kept by the heap
+    return loaded
 
 
 def theoretical_size(model: nn.Module) -> int:

@@ -33,7 +33,14 @@ from lowbit.primitives import (
 )
 from lowbit.spec import Granularity, PerChannel, PerTensor, QDtype, QuantSpec
 
-__all__ = ["QTensor", "Layout", "LAYOUTS", "register_layout", "INT32"]
+__all__ = [
+    "QTensor",
+    "Layout",
+    "LAYOUTS",
+    "register_layout",
+    "compact_zero_point",
+    "INT32",
+]
 
 INT32 = "int32"  # the grid of a quantized bias: int32 at scale s_w * s_x, zero point 0
 
@@ -80,7 +87,7 @@ def _storage_for(qdtype: QDtype | None) -> str:
     return "packed" if qdtype is not None and qdtype.storage_bits < 8 else "plain"
 
 
-def _compact_zero(zero: torch.Tensor, qdtype: QDtype | None) -> torch.Tensor:
+def compact_zero_point(zero: torch.Tensor, qdtype: QDtype | None) -> torch.Tensor:
     """Zero points in the grid's own storage dtype (one byte each for up to 8 bits), which
     they always fit; per-group int4 weights then carry 1 byte of zero point per group, not 4."""
     if qdtype is None:
@@ -197,7 +204,7 @@ class QTensor(torch.Tensor):
         """
         layout = _storage_for(qdtype)
         data = pack_bits(q, qdtype) if layout == "packed" and qdtype is not None else q
-        zero_point = _compact_zero(zero_point, qdtype)
+        zero_point = compact_zero_point(zero_point, qdtype)
         return cls(data, scale, zero_point, qdtype, granularity, q.shape, dtype, layout, spec)
 
     @classmethod

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lowbit.nn.qtensor import QTensor
+from lowbit.nn.qtensor import QTensor, compact_zero_point
 from lowbit.primitives import pack_bits, qparam_shape, storage_dtype, unpack_bits
 from lowbit.spec import PerChannel, PerTensor, QDtype, QuantSpec
 
@@ -78,16 +78,35 @@ def _check_range(key: str, q: torch.Tensor, dtype: QDtype) -> None:
         )
 
 
+def _check_packed(key: str, data: torch.Tensor, dtype: QDtype, numel: int) -> None:
+    """Packed sub-byte integers: the byte count, and the values' range when the grid is
+    narrower than its storage width (int3 in 4 bits), checked a slice at a time."""
+    if data.dtype != torch.uint8 or data.ndim != 1:
+        raise ValueError(f"{key!r} is {data.dtype} of {data.ndim} dims, expected flat packed uint8")
+    width = dtype.storage_bits
+    needed = math.ceil(numel * width / 8)
+    if data.numel() != needed:
+        raise ValueError(
+            f"{key!r}: {data.numel()} bytes cannot hold exactly {numel} {dtype} values "
+            f"(expected {needed}); the file is truncated or its header does not match"
+        )
+    if dtype.qmax - dtype.qmin == (1 << width) - 1:
+        return  # every bit pattern is a value of the grid (int2, int4, uint4, ...)
+    shifts = torch.arange(8 // width, dtype=torch.int32) * width
+    for start in range(0, needed, 1 << 20):  # a slice at a time: small int32 temporaries
+        part = data[start : start + (1 << 20)].to(torch.int32)
+        fields = (part.view(-1, 1) >> shifts) & ((1 << width) - 1)  # (bytes, values per byte)
+        if int(fields.max()) > dtype.qmax - dtype.qmin:  # padding fields are 0: always valid
+            raise ValueError(f"{key!r} holds values outside the {dtype} range")
+
+
 def _read_ints(key: str, data: torch.Tensor, dtype: QDtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """Plain integers of ``shape`` from stored ``data`` (packed uint8 or plain)."""
+    """Stored integers checked against ``shape`` and the grid: packed bytes as they are for
+    sub-byte grids (never unpacked to check them), plain integers of ``shape`` otherwise."""
     numel = math.prod(shape)
     if dtype.storage_bits < 8:
-        if data.dtype != torch.uint8:
-            raise ValueError(f"{key!r} is {data.dtype}, expected packed uint8")
-        try:
-            return unpack_bits(data, dtype, numel).reshape(shape)
-        except ValueError as err:
-            raise ValueError(f"{key!r}: {err}") from None
+        _check_packed(key, data, dtype, numel)
+        return data
     want = storage_dtype(dtype)
     if data.dtype != want or tuple(data.shape) != shape:
         raise ValueError(
@@ -138,6 +157,9 @@ def read_weight(
             )
         zero = zero.to(torch.int32)
     q = _read_ints(prefix + "qdata", data, qdtype, shape)
+    if qdtype.storage_bits < 8:  # kept packed, as stored
+        zero = compact_zero_point(zero, qdtype)
+        return QTensor(q, scale, zero, qdtype, gran, shape, dtype, "packed", spec)
     return QTensor.from_int(q, scale, zero, qdtype, gran, dtype, spec=spec)
 
 

@@ -226,6 +226,22 @@ def _unpack_int4(
 
 register_layout(Layout(INT4_LAYOUT, _unpack_int4))
 
+_LARGE = 1 << 20  # weights from which re-packing returns freed memory to the system
+
+
+def _repack_int4(weight: QTensor) -> torch.Tensor:
+    """The weight in the CPU int4 kernel's layout. From lowbit's packed bytes (how a loaded
+    or converted int4 weight is held) it is a byte shuffle; any other layout goes through
+    torch's packing op a block of rows at a time."""
+    rows, cols = weight.shape
+    if weight.layout_name == "packed":
+        return ops.int4_from_packed_bytes(weight.qdata, rows, cols)
+    ints = weight.int_repr()
+    step = 8 * (ops.int4_block_n() or 8)
+    return torch.cat(
+        [ops.int4_pack(ints[i : i + step].to(torch.int32) + 8) for i in range(0, rows, step)]
+    )
+
 
 @register_kernel("linear")
 class WeightOnlyInt4Linear(Kernel):
@@ -260,9 +276,10 @@ class WeightOnlyInt4Linear(Kernel):
         super().__init__(layer)
         weight = _qweight(layer)
         if weight.layout_name != INT4_LAYOUT:
-            unsigned = (weight.int_repr().to(torch.int32) + 8).contiguous()  # (out, in) 0..15
-            weight = weight.with_layout(INT4_LAYOUT, ops.int4_pack(unsigned))
+            weight = weight.with_layout(INT4_LAYOUT, _repack_int4(weight))
             layer.weight = weight  # the QTensor now holds the kernel's layout only
+            if weight.numel() >= _LARGE:
+                ops.release_free_memory()  # the old bytes and the temporaries
         self.packed = weight.qdata
         spec = weight.spec
         assert spec is not None and isinstance(spec.gran, PerGroup)

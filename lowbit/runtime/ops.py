@@ -12,6 +12,7 @@ and symmetric int8 weights; the weight-only paths are fast in bfloat16 only.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import platform
 from collections.abc import Callable, Sequence
@@ -31,7 +32,9 @@ __all__ = [
     "weight_int8_mm",
     "int4_block_n",
     "int4_pack",
+    "int4_from_packed_bytes",
     "int4_unpack",
+    "release_free_memory",
     "int4_mm",
 ]
 
@@ -215,6 +218,25 @@ def int4_block_n() -> int | None:
     return None
 
 
+def int4_from_packed_bytes(data: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The CPU int4 matmul's layout straight from lowbit's packed bytes of an int4 weight
+    (row-major, two values per byte, low nibble first, ``q + 8``), with byte operations only:
+    torch's own packing takes int32 values, 4 bytes a weight. Equal to :func:`int4_pack` of
+    the unpacked values (checked by the self-test)."""
+    block = int4_block_n()
+    if block is None or rows % block or cols % 2:
+        raise RuntimeError("the CPU int4 packing of this torch build is not understood")
+    half, per_chunk = block // 2, max(1, 1024 // block)  # 1024 rows at a time
+    view = data.reshape(rows // block, 2, half, cols // 2)  # (blocks, low/high rows, rows, bytes)
+    parts = []
+    for start in range(0, rows // block, per_chunk):
+        c = view[start : start + per_chunk]
+        nibbles = torch.stack([c & 0xF, c >> 4], dim=-1).flatten(-2)  # (b, 2, half, in)
+        nibbles = nibbles.transpose(2, 3)  # (b, 2, in, half)
+        parts.append((nibbles[:, 0] | (nibbles[:, 1] << 4)).reshape(-1, cols // 2))
+    return torch.cat(parts)
+
+
 def int4_unpack(packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """The unsigned 4-bit values ``(out, in)`` (uint8) of a weight packed by :func:`int4_pack`."""
     block = int4_block_n()
@@ -229,6 +251,29 @@ def int4_mm(
     """``x @ W.T`` with ``W[n, k] = (q[n, k] - 8) * s[g, n] + z[g, n]`` for group ``g = k //
     group_size``; ``scale_zeros`` is ``(in/group_size, out, 2)`` in ``x``'s dtype."""
     return _ATEN._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zeros)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to call
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_free_memory() -> bool:
+    """Give heap memory the process has freed back to the operating system (glibc's
+    ``malloc_trim``; a no-op returning False elsewhere).
+
+    Re-packing a large weight frees as much temporary memory as it allocates, but glibc keeps
+    freed heap pages mapped, so the process's resident size stays at its high-water mark:
+    on the benchmark MLP that was 2x the int4 weights themselves.
+    """
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
 
 
 def bf16_fast() -> bool:
@@ -307,6 +352,10 @@ def _test_int4() -> str | None:
     packed = int4_pack(q)
     if not torch.equal(int4_unpack(packed, rows, cols).to(torch.int32), q):
         return "unpacking does not give back the packed values"
+    flat = q.reshape(-1, 2)
+    ours = (flat[:, 0] | (flat[:, 1] << 4)).to(torch.uint8)  # lowbit's packed bytes
+    if not torch.equal(int4_from_packed_bytes(ours, rows, cols), packed):
+        return "re-packing lowbit's packed bytes does not give torch's layout"
     scale = torch.rand(cols // group, rows, generator=gen) * 0.05 + 0.01
     zero = torch.randn(cols // group, rows, generator=gen) * 0.01
     scale_zeros = torch.stack([scale, zero], dim=-1).bfloat16()  # (groups, out, 2)
