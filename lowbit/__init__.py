@@ -17,6 +17,7 @@ __version__ = "0.1.0"  # first: lowbit.export reads it while the names below are
 from lowbit.api import calibrate, convert, prepare, prepared_info, quantize, quantized_layers
 from lowbit.config import QuantConfig, Recipe, RecipeError, Rule, list_recipes, load_recipe
 from lowbit.export import CheckpointError, inspect, load, save, theoretical_size
+from lowbit.export.onnx import export_onnx
 from lowbit.report.metrics import sqnr_db
 from lowbit.runtime import CompileReport, compile, kernel_report
 from lowbit.runtime import self_test as runtime_self_test
@@ -39,6 +40,7 @@ __all__ = [
     "calibrate",
     "compile",
     "convert",
+    "export_onnx",
     "inspect",
     "kernel_report",
     "list_recipes",

@@ -1,4 +1,5 @@
-"""Export converted models: packed ``.lowbit`` checkpoints (safetensors + JSON header)."""
+"""Export converted models: packed ``.lowbit`` checkpoints (safetensors + JSON header) and
+ONNX QDQ models (:mod:`lowbit.export.onnx`, imported on use: it needs the ``onnx`` extra)."""
 
 from lowbit.export.atomic import atomic_path, write_json
 from lowbit.export.checkpoint import SUFFIX, load, save, theoretical_size
