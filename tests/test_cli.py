@@ -173,3 +173,89 @@ def test_recipes_lists_every_shipped_recipe(capsys: pytest.CaptureFixture[str]):
     out = capsys.readouterr().out
     for name in ("w8a8", "w8a8-dynamic", "w8a8-pertensor", "w4a8", "w4a16", "w8a16", "w2a8"):
         assert name in out
+
+
+def test_export_and_eval_on_each_backend(workdir: Path, capsys: pytest.CaptureFixture[str]):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    mod = workdir.name
+    out = workdir.parent / "m.lowbit"
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                f"{mod}:create",
+                "--data",
+                f"{mod}:calibration",
+                "--recipe",
+                "w8a8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    onnx_path = workdir.parent / "m.onnx"
+    assert (
+        main(
+            [
+                "export",
+                str(out),
+                "--model",
+                f"{mod}:create",
+                "--example",
+                "1,1,8,8",
+                "--out",
+                str(onnx_path),
+            ]
+        )
+        == 0
+    )
+    onnx.checker.check_model(str(onnx_path))
+    ops = {node.op_type for node in onnx.load(str(onnx_path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    for backend in ("torch", "onnxruntime", "reference", "auto"):
+        capsys.readouterr()
+        assert (
+            main(
+                [
+                    "eval",
+                    "--model",
+                    f"{mod}:create",
+                    "--quantized",
+                    str(out),
+                    "--data",
+                    f"{mod}:labelled",
+                    "--backend",
+                    backend,
+                ]
+            )
+            == 0
+        )
+        text = capsys.readouterr().out
+        assert float(text.split("top-1 accuracy:")[1].split("%")[0]) >= 80.0
+    inspected = (capsys.readouterr(), main(["inspect", str(out)]), capsys.readouterr().out)[2]
+    assert "kernel" in inspected
+
+
+def test_export_with_a_bad_example_is_one_line(workdir: Path, capsys: pytest.CaptureFixture[str]):
+    mod = workdir.name
+    out = workdir.parent / "m.lowbit"
+    main(["quantize", "--model", f"{mod}:create", "--recipe", "w8a16", "--out", str(out)])
+    capsys.readouterr()
+    code = main(
+        [
+            "export",
+            str(out),
+            "--model",
+            f"{mod}:create",
+            "--example",
+            "1,x",
+            "--out",
+            str(workdir.parent / "m.onnx"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "neither a shape" in err and len(err.strip().splitlines()) == 1

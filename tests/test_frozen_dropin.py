@@ -92,3 +92,38 @@ def test_move_and_cast_a_converted_model() -> None:
         after = q(x.to(torch.bfloat16))
     assert after.dtype == torch.bfloat16
     assert lowbit.sqnr_db(before, after.float()) > 25.0
+
+
+def test_an_input_only_layer_is_converted_and_compiles(tmp_path: Path) -> None:
+    """A recipe may quantize only a layer's input: the weight stays float, the layer is still
+    frozen by convert (and by load), so compile and save take it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    recipe = lowbit.Recipe(lowbit.QuantConfig(input=lowbit.QuantSpec("uint8", symmetric=False)))
+    x = torch.randn(16, 8)
+    q = lowbit.quantize(model, recipe, data=[x])
+    assert all(layer.frozen for layer in lowbit.quantized_layers(q).values())
+    assert not isinstance(q[0].weight, QTensor)
+    compiled = lowbit.compile(q, "torch", example_inputs=x)
+    assert lowbit.kernel_report(compiled).sqnr_db == float("inf")
+    back = lowbit.load(lowbit.save(q, tmp_path / "m.lowbit"), model)
+    assert all(layer.frozen for layer in lowbit.quantized_layers(back).values())
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+
+
+def test_load_onto_a_model_built_on_the_meta_device(tmp_path: Path) -> None:
+    """Building the architecture under ``torch.device("meta")`` allocates no float weights;
+    everything comes from the file."""
+    torch.manual_seed(0)
+    model = SmallResNet(widths=(8, 16), blocks=(1, 1)).eval()
+    q = lowbit.quantize(model, "w8a8", data=[torch.randn(8, 1, 28, 28)])
+    path = lowbit.save(q, tmp_path / "m.lowbit")
+    with torch.device("meta"):
+        skeleton = SmallResNet(widths=(8, 16), blocks=(1, 1))
+    back = lowbit.load(path, skeleton)
+    tensors = [*back.parameters(), *back.buffers()]
+    assert not any(t.device.type == "meta" for t in tensors)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))

@@ -212,4 +212,5 @@ def rebuild(header: Header, tensors: dict[str, torch.Tensor], model: nn.Module) 
             raise _mismatch(
                 header, f"layer {name!r} has no quantized weight in the file", "re-save the model"
             )
+        layer.freeze()  # an input-only layer: its input grid came from the file
     return out

@@ -182,13 +182,19 @@ class QModule(nn.Module):
         Idempotent.
         """
         wq = self.weight_quantizer
-        if self.frozen or wq is None:
+        if self.frozen:
             return
         if self.input_quantizer is not None and self.input_quantizer.observing:
             raise RuntimeError(
                 "convert() before calibration: run lowbit.calibrate(model, data) first so the "
                 "input quantizers have ranges"
             )
+        if wq is None:  # input-only: the weight stays float, the input's grid is fixed
+            if self.input_quantizer is not None:
+                self.input_quantizer.observer = None
+            self.frozen = True
+            self._runners = {}
+            return
         if wq.scale is None:
             self.update_weight_qparams()
         assert wq.scale is not None and wq.zero_point is not None
@@ -321,7 +327,7 @@ class QModule(nn.Module):
             except ValueError as err:
                 error_msgs.append(f"{prefix or self.label}: {err}")
                 return
-        elif self.frozen:
+        elif self.frozen and isinstance(self.weight, QTensor):
             missing_keys.append(prefix + "weight.qdata")
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

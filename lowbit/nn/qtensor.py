@@ -254,7 +254,7 @@ class QTensor(torch.Tensor):
         """Bytes held in memory: integer data, scales and zero points.
 
         >>> QTensor.quantize(torch.randn(64, 64), QuantSpec("int4", "per_channel")).storage_nbytes()
-        2560
+        2368
         """
         return sum(t.numel() * t.element_size() for t in (self.qdata, self.scale, self.zero_point))
 
