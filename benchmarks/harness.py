@@ -1,9 +1,11 @@
 """What every side-by-side benchmark shares: interleaved timing, rows, the table and the JSON.
 
 Timing: every candidate gets ``warmup`` calls, then ``runs`` rounds in which each candidate is
-called once, in turn, so drift of a shared 2-core machine (frequency, a neighbour's load) hits
-all of them alike; the figure is each candidate's median over the rounds. Same process, same
-inputs, the same number of threads for torch and onnxruntime.
+called ``settle`` times untimed and once timed, in turn, so drift of a shared 2-core machine
+(frequency, a neighbour's load) hits all of them alike, while the untimed calls let the
+previous candidate's runtime (OpenMP or onnxruntime threads still spinning) go quiet; the
+figure is each candidate's median over the rounds. Same process, same inputs, the same number
+of threads for torch and onnxruntime (whose workers do not spin).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def machine() -> dict[str, Any]:
 
 
 def time_interleaved(
-    candidates: dict[str, Callable[[], Any]], warmup: int = 5, runs: int = 30
+    candidates: dict[str, Callable[[], Any]], warmup: int = 5, runs: int = 30, settle: int = 1
 ) -> dict[str, float]:
     """Median milliseconds per candidate, measured round-robin (see the module docstring)."""
     with torch.no_grad():
@@ -64,6 +66,8 @@ def time_interleaved(
         samples: dict[str, list[float]] = {name: [] for name in candidates}
         for _ in range(runs):
             for name, fn in candidates.items():
+                for _ in range(settle):
+                    fn()
                 start = time.perf_counter()
                 fn()
                 samples[name].append(time.perf_counter() - start)

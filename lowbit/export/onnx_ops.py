@@ -302,10 +302,11 @@ def bias_input(g: Emitter, layer: QModule) -> str | None:
     return g.const("bias", _np(bias, np.float32), True)
 
 
-def nbits_expressible(w: torch.Tensor) -> int | None:
-    """The MatMulNBits block size for a Linear weight, or None when MatMulNBits cannot hold it
-    (more than 4 bits, a group size that is not a power of two >= 16, per-input channels)."""
-    if not isinstance(w, QTensor) or w.qdtype is None or w.qdtype.bits > 4 or w.ndim != 2:
+def nbits_expressible(w: torch.Tensor, bits: int = 4) -> int | None:
+    """The MatMulNBits block size for a Linear weight at ``bits`` (4 or 8), or None when
+    MatMulNBits cannot hold it (a wider grid, a group size that is not a power of two >= 16,
+    per-input channels)."""
+    if not isinstance(w, QTensor) or w.qdtype is None or w.qdtype.bits > bits or w.ndim != 2:
         return None
     gran, block = w.granularity, _NBITS_BLOCK
     if isinstance(gran, PerGroup):
@@ -315,8 +316,9 @@ def nbits_expressible(w: torch.Tensor) -> int | None:
     elif isinstance(gran, PerChannel) and gran.axis % 2 != 0:
         return None
     q, _, zero = _qparts(w)
-    both = np.concatenate([q.reshape(-1), zero.reshape(-1)]) + (8 if w.qdtype.signed else 0)
-    return block if both.min() >= 0 and both.max() <= 15 else None
+    half = 1 << (bits - 1)
+    both = np.concatenate([q.reshape(-1), zero.reshape(-1)]) + (half if w.qdtype.signed else 0)
+    return block if both.min() >= 0 and both.max() <= 2 * half - 1 else None
 
 
 def _pack_nibbles(u: np.ndarray) -> np.ndarray:
@@ -327,8 +329,8 @@ def _pack_nibbles(u: np.ndarray) -> np.ndarray:
     return u[..., 0::2] | (u[..., 1::2] << 4)
 
 
-def matmul_nbits(g: Emitter, layer: QModule, x: str, out: str, block: int) -> str:
-    """``com.microsoft::MatMulNBits`` (bits=4, accuracy_level=4), bias included."""
+def matmul_nbits(g: Emitter, layer: QModule, x: str, out: str, block: int, bits: int = 4) -> str:
+    """``com.microsoft::MatMulNBits`` (``bits`` 4 or 8, accuracy_level=4), bias included."""
     w = layer.weight
     assert isinstance(w, QTensor) and w.qdtype is not None
     q, scale, zero = _qparts(w)
@@ -337,21 +339,24 @@ def matmul_nbits(g: Emitter, layer: QModule, x: str, out: str, block: int) -> st
     if scale.ndim < 2:  # per tensor or per output channel: one scale repeated per block
         scale = np.broadcast_to(scale.reshape(-1, 1), (n, blocks))
         zero = np.broadcast_to(zero.reshape(-1, 1), (n, blocks))
-    offset = 8 if w.qdtype.signed else 0  # MatMulNBits reads unsigned nibbles
+    half = 1 << (bits - 1)  # MatMulNBits reads unsigned values, default zero point 2**(bits-1)
+    offset = half if w.qdtype.signed else 0
     u, uz = q + offset, zero + offset
     padded = np.repeat(uz, block, axis=1)  # a short last block padded with its zero point
     padded[:, :k] = u
-    packed = _pack_nibbles(padded.reshape(n, blocks, block))  # (N, k_blocks, block / 2)
+    blocked = padded.reshape(n, blocks, block)
+    packed = _pack_nibbles(blocked) if bits == 4 else blocked.astype(np.uint8)  # (N, blocks, ..)
     scale = np.ascontiguousarray(scale, np.float32)
     inputs = [x, g.const("weight_quantized", packed, True), g.const("weight_scale", scale, True)]
-    inputs.append("" if (uz == 8).all() else g.const("weight_zero_point", _pack_nibbles(uz), True))
+    zeros = _pack_nibbles(uz) if bits == 4 else uz.astype(np.uint8)
+    inputs.append("" if (uz == half).all() else g.const("weight_zero_point", zeros, True))
     bias = layer.bias
     if bias is not None:
         float_bias = bias.dequantize(torch.float32) if isinstance(bias, QTensor) else bias
         inputs += ["", g.const("bias", _np(float_bias, np.float32), True)]
     while inputs[-1] == "":
         inputs.pop()
-    attrs = {"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": 4}
+    attrs = {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 4}
     return g.op("MatMulNBits", inputs, out, domain=MS_DOMAIN, **attrs)
 
 
@@ -361,6 +366,12 @@ def _linear(g: Emitter, layer: QModule, x: str, out: str, int4_format: str) -> N
     grouped = isinstance(getattr(layer.weight, "granularity", None), PerGroup)
     if block is not None and (int4_format == "matmulnbits" or (grouped and g.opset < 21)):
         matmul_nbits(g, layer, x, out, block)  # blocked DequantizeLinear needs opset 21
+        return
+    block8 = nbits_expressible(layer.weight, bits=8)
+    if layer.input_quantizer is None and block8 is not None and int4_format == "matmulnbits":
+        # 8-bit weight-only: DequantizeLinear -> MatMul runs in float in onnxruntime (its Gemm
+        # fusion takes the MatMul first), 50x slower at batch 1 than MatMulNBits bits=8
+        matmul_nbits(g, layer, x, out, block8, bits=8)
         return
     bias = bias_input(g, layer)
     y = g.op("MatMul", [x, weight_input(g, layer, transpose=True)], None if bias else out)

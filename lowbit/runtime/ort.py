@@ -63,6 +63,9 @@ class OrtModule(nn.Module):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or torch.get_num_threads()
+        # onnxruntime's workers spin after each run by default, which takes the cores from
+        # torch's own work in the same process (pre- and post-processing, other layers)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         graph = onnx.load(str(self.path), load_external_data=False).graph
         dynamic = any(node.op_type == "DynamicQuantizeLinear" for node in graph.node)
         self.session = ort.InferenceSession(
