@@ -184,6 +184,32 @@ def _rows(
     return rows
 
 
+def _reference(
+    model: nn.Module, layers: dict[str, QModule], inputs: Inputs
+) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
+    """The simulation's output on ``inputs``, and the range of every layer's output."""
+    ranges: dict[str, tuple[float, float]] = {}
+
+    def record(name: str, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and output.numel():
+            lo, hi = float(output.min()), float(output.max())
+            old = ranges.get(name, (lo, hi))
+            ranges[name] = (min(lo, old[0]), max(hi, old[1]))
+
+    _set_all(layers, "reference", False)
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o, name=name: record(name, o))
+        for name, layer in layers.items()
+    ]
+    try:
+        with torch.no_grad():
+            output = _flat(_call(model, inputs))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return output, ranges
+
+
 def _torch_backend(
     model: nn.Module,
     layers: dict[str, QModule],
@@ -191,9 +217,13 @@ def _torch_backend(
     fuse_graph: bool,
     handoff: bool,
     exact_only: bool,
+    ranges: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[nn.Module, CompileReport]:
     _set_all(layers, None, exact_only)
-    result = fuse(model, dtype, handoff) if fuse_graph else FusionResult(model, False)
+    if fuse_graph:
+        result = fuse(model, dtype, handoff, ranges)
+    else:
+        result = FusionResult(model, False)
     report = CompileReport("torch", _rows(layers, dtype, result.fused), notes=list(result.notes))
     if exact_only:
         report.notes.append("kernels that compute in bfloat16 were passed over (exact only)")
@@ -216,13 +246,16 @@ def _compile_torch(
     fuse_graph: bool,
     handoff: bool,
     min_sqnr_db: float,
+    ranges: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[nn.Module, CompileReport]:
     # most integer first: uint8 hand-off (if asked), then float hand-off, then exact kernels
     tries = [(True, False)] if handoff and fuse_graph else []
     tries += [(False, False), (False, True)]
     failures: list[str] = []
     for use_handoff, exact_only in tries:
-        module, report = _torch_backend(model, layers, dtype, fuse_graph, use_handoff, exact_only)
+        module, report = _torch_backend(
+            model, layers, dtype, fuse_graph, use_handoff, exact_only, ranges
+        )
         if inputs is None or reference is None:
             return module, report
         report.sqnr_db = _check(module, inputs, reference)
@@ -286,22 +319,37 @@ def compile(  # noqa: A001  # the verb users look for, as torch.compile
     layers = _layers(model)
     dtype = _model_dtype(layers)
     reference: torch.Tensor | None = None
+    ranges: dict[str, tuple[float, float]] | None = None
     if example_inputs is not None:
-        _set_all(layers, "reference", False)
-        with torch.no_grad():
-            reference = _flat(_call(model, example_inputs))
+        reference, ranges = _reference(model, layers, example_inputs)
     if backend == "reference":
         _set_all(layers, "reference", False)
         module, report = model, CompileReport("reference", _rows(layers, dtype, {}))
     elif backend == "torch" or (backend == "auto" and example_inputs is None):
         module, report = _compile_torch(
-            model, layers, dtype, example_inputs, reference, fuse, integer_handoff, min_sqnr_db
+            model,
+            layers,
+            dtype,
+            example_inputs,
+            reference,
+            fuse,
+            integer_handoff,
+            min_sqnr_db,
+            ranges,
         )
     elif backend == "onnxruntime":
         module, report = _compile_ort(model, example_inputs, reference)
     else:
         module, report = _auto(
-            model, layers, dtype, example_inputs, reference, fuse, integer_handoff, min_sqnr_db
+            model,
+            layers,
+            dtype,
+            example_inputs,
+            reference,
+            fuse,
+            integer_handoff,
+            min_sqnr_db,
+            ranges,
         )
     setattr(module, REPORT_ATTR, report)
     return module
@@ -316,10 +364,11 @@ def _auto(
     fuse_graph: bool,
     handoff: bool,
     min_sqnr_db: float,
+    ranges: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[nn.Module, CompileReport]:
     assert inputs is not None
     module, report = _compile_torch(
-        model, layers, dtype, inputs, reference, fuse_graph, handoff, min_sqnr_db
+        model, layers, dtype, inputs, reference, fuse_graph, handoff, min_sqnr_db, ranges
     )
     with torch.no_grad():
         timings = {"torch": _median_ms(lambda: _call(module, inputs))}

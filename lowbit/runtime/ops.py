@@ -16,6 +16,7 @@ import ctypes
 import functools
 import platform
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ __all__ = [
     "qconv_prepack",
     "qconv",
     "qconv_add",
+    "bound_qlinear",
+    "bound_qconv",
+    "bound_qconv_add",
     "weight_int8_mm",
     "int4_block_n",
     "int4_pack",
@@ -89,12 +93,15 @@ def qconv_prepack(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
+    x_shape: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """oneDNN's packed form of an int8 ``(out, in/groups, *kernel)`` conv weight."""
+    """oneDNN's packed form of an int8 ``(out, in/groups, *kernel)`` conv weight, for inputs
+    of ``x_shape`` when given (any shape otherwise)."""
     if weight.ndim == 4:
         weight = weight.contiguous(memory_format=torch.channels_last)
+    shape = list(x_shape) if x_shape is not None else None
     return _ONEDNN.qconv_prepack(
-        weight, w_scale, 1.0, 0, list(stride), list(padding), list(dilation), groups, None
+        weight, w_scale, 1.0, 0, list(stride), list(padding), list(dilation), groups, shape
     )
 
 
@@ -175,6 +182,109 @@ def qconv_add(
         [],
         None,
     )
+
+
+# --- the same calls with everything but the tensors bound once -----------------------------
+Bound = Callable[..., torch.Tensor]
+
+
+def bound_qlinear(
+    x_scale: float,
+    x_zero: int,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    relu: bool,
+    out_scale: float = 1.0,
+    out_zero: int = 0,
+) -> Bound:
+    """:func:`qlinear` as ``f(x)``, its other arguments bound (the overload resolved once)."""
+    op = _ONEDNN.qlinear_pointwise.default
+    args: tuple[Any, ...] = (
+        x_scale,
+        x_zero,
+        packed,
+        w_scale,
+        w_zero,
+        bias,
+        out_scale,
+        out_zero,
+        out_dtype,
+        "relu" if relu else "none",
+        [],
+        "",
+    )
+    return lambda x: op(x, *args)
+
+
+def bound_qconv(
+    x_scale: float,
+    x_zero: int,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    geometry: tuple[list[int], list[int], list[int], int],
+    out_dtype: torch.dtype,
+    relu: bool,
+    out_scale: float = 1.0,
+    out_zero: int = 0,
+) -> Bound:
+    """:func:`qconv` (2-d) as ``f(x)``, its other arguments bound."""
+    op = _ONEDNN.qconv2d_pointwise.default
+    args: tuple[Any, ...] = (
+        x_scale,
+        x_zero,
+        packed,
+        w_scale,
+        w_zero,
+        bias,
+        *geometry,
+        out_scale,
+        out_zero,
+        out_dtype,
+        "relu" if relu else "none",
+        [],
+        "",
+    )
+    return lambda x: op(x, *args)
+
+
+def bound_qconv_add(
+    x_scale: float,
+    x_zero: int,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    geometry: tuple[list[int], list[int], list[int], int],
+    accum_scale: float,
+    accum_zero: int,
+    relu: bool,
+    out_dtype: torch.dtype,
+    out_scale: float = 1.0,
+    out_zero: int = 0,
+) -> Bound:
+    """:func:`qconv_add` as ``f(x, accum)`` (``accum`` of ``out_dtype``, overwritten)."""
+    op = _ONEDNN.qconv2d_pointwise.binary
+    head = (x_scale, x_zero, packed, w_scale, w_zero)
+    tail: tuple[Any, ...] = (
+        bias,
+        *geometry,
+        out_scale,
+        out_zero,
+        out_dtype,
+        accum_scale,
+        accum_zero,
+        "sum",
+        1.0,
+        "relu" if relu else None,
+        [],
+        None,
+    )
+    return lambda x, accum: op(x, *head, accum, *tail)
 
 
 # --- weight-only matmuls --------------------------------------------------------------------
