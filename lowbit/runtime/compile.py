@@ -220,10 +220,7 @@ def _torch_backend(
     ranges: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[nn.Module, CompileReport]:
     _set_all(layers, None, exact_only)
-    if fuse_graph:
-        result = fuse(model, dtype, handoff, ranges)
-    else:
-        result = FusionResult(model, False)
+    result = fuse(model, dtype, handoff, ranges) if fuse_graph else FusionResult(model, False)
     report = CompileReport("torch", _rows(layers, dtype, result.fused), notes=list(result.notes))
     if exact_only:
         report.notes.append("kernels that compute in bfloat16 were passed over (exact only)")
