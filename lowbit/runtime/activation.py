@@ -9,7 +9,9 @@ so the integers match the simulation's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -18,9 +20,10 @@ from lowbit.nn import Quantizer
 from lowbit.primitives import choose_qparams, minmax
 from lowbit.spec import PerTensor, PerToken, QDtype, QuantSpec
 
-__all__ = ["ActivationGrid", "scalar_qparams", "u8_problem"]
+__all__ = ["ActivationGrid", "LastInput", "scalar_qparams", "u8_problem"]
 
 _EPS = np.float32(torch.finfo(torch.float32).eps)
+T = TypeVar("T")
 
 
 def u8_problem(spec: QuantSpec | None) -> str | None:
@@ -118,3 +121,31 @@ class ActivationGrid:
         scale, zero = choose_qparams(lo, hi, self.spec.qdtype, self.spec.symmetric)
         scale, zero = scale.unsqueeze(1), (zero + self.shift).unsqueeze(1)  # (rows, 1)
         return self.to_u8(xf, scale, zero), scale, zero
+
+
+class LastInput:
+    """The last input a group of layers quantized, with the result, so layers that read the
+    same tensor on the same grid (an attention block's query, key and value projections)
+    quantize it once. The input is recognised by identity and version counter, so an
+    in-place change between calls is never missed; one input is kept at a time.
+
+    >>> cache, calls = LastInput(), []
+    >>> x = torch.ones(2, 3)
+    >>> _ = cache.get(x, lambda t: calls.append(1) or t * 2)
+    >>> _ = cache.get(x, lambda t: calls.append(1) or t * 2)
+    >>> len(calls)
+    1
+    """
+
+    def __init__(self) -> None:
+        self._input: torch.Tensor | None = None
+        self._version = -1
+        self._value: object = None
+
+    def get(self, x: torch.Tensor, make: Callable[[torch.Tensor], T]) -> T:
+        """``make(x)``, computed once for each distinct input tensor (and version)."""
+        if self._input is x and self._version == x._version:
+            return self._value  # type: ignore[return-value]
+        value = make(x)
+        self._input, self._version, self._value = x, x._version, value
+        return value

@@ -23,8 +23,8 @@ import math
 import torch
 
 from lowbit.nn import Kernel, LayerView, Layout, QModule, QTensor, register_kernel, register_layout
-from lowbit.runtime import ops
-from lowbit.runtime.activation import ActivationGrid, u8_problem
+from lowbit.runtime import inductor, ops
+from lowbit.runtime.activation import ActivationGrid, LastInput, u8_problem
 from lowbit.spec import PerChannel, PerGroup, PerTensor, PerToken, QDtype, QuantSpec
 
 __all__ = ["OneDNNInt8Linear", "WeightOnlyInt8Linear", "WeightOnlyInt4Linear"]
@@ -99,6 +99,9 @@ class OneDNNInt8Linear(Kernel):
         assert layer.input_quantizer is not None
         self.grid = ActivationGrid.of(layer.input_quantizer)
         self.per_token = isinstance(self.grid.spec.gran, PerToken)
+        self.shared: LastInput | None = None  # set by lowbit.compile for layers sharing inputs
+        self.compiled = False  # per-token passes compiled by inductor (lowbit.compile option)
+        self.zero_bias = self.bias
         # sum_k W[n, k] * s_w[n]: what a per-row zero point contributes to output column n
         self.col_sums = (ints.float().sum(dim=1) * self.w_scale).contiguous()  # (out,)
 
@@ -124,9 +127,22 @@ class OneDNNInt8Linear(Kernel):
         )
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
+    def use_inductor(self, on: bool) -> None:
+        """Quantize per token and rescale the output with :mod:`lowbit.runtime.inductor`'s
+        compiled functions (same arithmetic, one pass each) instead of eager torch ops."""
+        spec = self.grid.spec
+        self.compiled = on and (spec.qdtype.signed or not spec.symmetric)
+        self.zero_bias = torch.zeros_like(self.col_sums) if self.bias is None else self.bias
+
     def _per_token(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        q, scale, zero = self.grid.per_token(rows)
+        if self.compiled:
+            return self._per_token_compiled(x, relu)
+        grid = self.grid
+
+        def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return grid.per_token(t.reshape(-1, t.shape[-1]))  # (tokens, in)
+
+        q, scale, zero = self.shared.get(x, quantize) if self.shared else quantize(x)
         if self.grid.spec.symmetric and self.grid.spec.qdtype.signed:
             # one shared uint8 zero point (128): oneDNN subtracts it itself
             acc = ops.qlinear(
@@ -136,12 +152,26 @@ class OneDNNInt8Linear(Kernel):
             acc = ops.qlinear(
                 q, 1.0, 0, self.packed, self.w_scale, self.w_zero, None, torch.float32
             )
-            acc.sub_(zero.float() * self.col_sums)  # (tokens, out): each row's zero point
-        out = acc.mul_(scale)
-        if self.bias is not None:
-            out.add_(self.bias)
+            # each row's zero point times every column's weight sum, as one rank-1 update
+            acc.addr_(zero.reshape(-1).float(), self.col_sums, alpha=-1)  # (tokens, out)
+        # bias + acc * row scale in one pass
+        out = acc.mul_(scale) if self.bias is None else torch.addcmul(self.bias, acc, scale)
         if relu:
             out.relu_()
+        return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+    def _per_token_compiled(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
+        spec, shift = self.grid.spec, float(self.grid.shift)
+        quantizer = inductor.per_token_quantizer()
+        qmin, qmax = float(spec.qdtype.qmin), float(spec.qdtype.qmax)
+
+        def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            rows = t.reshape(-1, t.shape[-1]).float()  # (tokens, in)
+            return quantizer(rows, qmin, qmax, shift, spec.symmetric)
+
+        q, scale, zero = self.shared.get(x, quantize) if self.shared else quantize(x)
+        acc = ops.qlinear(q, 1.0, 0, self.packed, self.w_scale, self.w_zero, None, torch.float32)
+        out = inductor.per_token_epilogue()(acc, zero, self.col_sums, scale, self.zero_bias, relu)
         return out.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
