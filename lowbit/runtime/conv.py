@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lowbit.nn import Kernel, LayerView, QModule, QTensor, as_float, register_kernel
-from lowbit.runtime import ops
+from lowbit.runtime import ops, opscheck
 from lowbit.runtime.activation import ActivationGrid, u8_problem
 from lowbit.runtime.linear import bf16_problem, symmetric_int8_problem
 from lowbit.spec import PerToken
@@ -66,7 +66,7 @@ class OneDNNInt8Conv(Kernel):
             _conv_problem(view, dtype, device)
             or symmetric_int8_problem(view.weight_spec)
             or u8_problem(spec)
-            or ops.available(op)
+            or opscheck.available(op)
         )
 
     def __init__(self, layer: QModule) -> None:

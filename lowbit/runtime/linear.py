@@ -23,7 +23,7 @@ import math
 import torch
 
 from lowbit.nn import Kernel, LayerView, Layout, QModule, QTensor, register_kernel, register_layout
-from lowbit.runtime import inductor, ops
+from lowbit.runtime import inductor, ops, opscheck
 from lowbit.runtime.activation import ActivationGrid, LastInput, u8_problem
 from lowbit.spec import PerChannel, PerGroup, PerTensor, PerToken, QDtype, QuantSpec
 
@@ -84,7 +84,7 @@ class OneDNNInt8Linear(Kernel):
             _cpu_float(dtype, device)
             or symmetric_int8_problem(view.weight_spec)
             or u8_problem(view.input_spec)
-            or ops.available("onednn_qlinear")
+            or opscheck.available("onednn_qlinear")
         )
 
     def __init__(self, layer: QModule) -> None:
@@ -213,7 +213,7 @@ class WeightOnlyInt8Linear(Kernel):
         return (
             _weight_only_problem(view, dtype, device)
             or symmetric_int8_problem(view.weight_spec)
-            or ops.available("weight_int8_mm")
+            or opscheck.available("weight_int8_mm")
         )
 
     def __init__(self, layer: QModule) -> None:
@@ -300,7 +300,7 @@ class WeightOnlyInt4Linear(Kernel):
         block = ops.int4_block_n()
         if cols % gran.group_size or (block is not None and rows % block):
             return f"weight {rows}x{cols} is not a whole number of kernel tiles"
-        return ops.available("int4_mm")
+        return opscheck.available("int4_mm")
 
     def __init__(self, layer: QModule) -> None:
         super().__init__(layer)

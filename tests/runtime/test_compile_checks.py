@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.runtime import inductor, ops
+from lowbit.runtime import inductor, opscheck
 from lowbit.runtime.activation import LastInput
 from lowbit.runtime.linear import OneDNNInt8Linear
 
 pytestmark = pytest.mark.skipif(
-    ops.available("onednn_qlinear") is not None, reason="no oneDNN int8 on this machine"
+    opscheck.available("onednn_qlinear") is not None, reason="no oneDNN int8 on this machine"
 )
 
 

@@ -8,11 +8,11 @@ from torch import nn
 
 import lowbit
 from lowbit.data.zoo import SmallResNet
-from lowbit.runtime import ops
+from lowbit.runtime import opscheck
 from lowbit.runtime.fusion import fuse
 
 pytestmark = pytest.mark.skipif(
-    ops.available("onednn_qconv2d") is not None, reason="no oneDNN int8 on this machine"
+    opscheck.available("onednn_qconv2d") is not None, reason="no oneDNN int8 on this machine"
 )
 
 

@@ -13,10 +13,10 @@ from torch import nn
 
 import lowbit
 from lowbit.nn import QModule, QTensor
-from lowbit.runtime import ops
+from lowbit.runtime import ops, opscheck
 from lowbit.spec import QuantSpec
 
-ONEDNN = ops.available("onednn_qlinear")
+ONEDNN = opscheck.available("onednn_qlinear")
 needs_onednn = pytest.mark.skipif(ONEDNN is not None, reason=f"no oneDNN int8: {ONEDNN}")
 needs_bf16 = pytest.mark.skipif(not ops.bf16_fast(), reason="no native bfloat16 on this CPU")
 

@@ -9,27 +9,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.primitives import choose_qparams
-from lowbit.runtime import ops
+from lowbit.runtime import ops, opscheck
 from lowbit.runtime.activation import scalar_qparams
 from lowbit.spec import QDtype
 
 
-@pytest.mark.parametrize("op", sorted(ops.SELF_TESTS))
+@pytest.mark.parametrize("op", sorted(opscheck.SELF_TESTS))
 def test_private_op_matches_its_float_reference(op: str) -> None:
-    if op != "onednn_qlinear" and ops.available("onednn_qlinear") is not None:
-        pytest.skip(f"no oneDNN int8 on this machine: {ops.available('onednn_qlinear')}")
+    if op != "onednn_qlinear" and opscheck.available("onednn_qlinear") is not None:
+        pytest.skip(f"no oneDNN int8 on this machine: {opscheck.available('onednn_qlinear')}")
     if op in ("weight_int8_mm", "int4_mm") and not ops.bf16_fast():
         pytest.skip("no native bfloat16 on this CPU: the weight-only kernels are not used")
-    assert ops.available(op) is None, ops.available(op)
+    assert opscheck.available(op) is None, opscheck.available(op)
 
 
 def test_unknown_problem_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken() -> str | None:
         raise RuntimeError("this op changed its schema")
 
-    monkeypatch.setitem(ops.SELF_TESTS, "broken", broken)
-    assert "changed its schema" in str(ops.available("broken"))
-    ops.available.cache_clear()
+    monkeypatch.setitem(opscheck.SELF_TESTS, "broken", broken)
+    assert "changed its schema" in str(opscheck.available("broken"))
+    opscheck.available.cache_clear()
 
 
 @pytest.mark.parametrize("rows", [64, 128, 192])
@@ -45,8 +45,13 @@ _ranges = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, width=32)
 
 
 @settings(max_examples=200, deadline=None)
-@given(lo=_ranges, hi=_ranges, bits=st.sampled_from([8, 4]), signed=st.booleans(),
-       symmetric=st.booleans())
+@given(
+    lo=_ranges,
+    hi=_ranges,
+    bits=st.sampled_from([8, 4]),
+    signed=st.booleans(),
+    symmetric=st.booleans(),
+)
 def test_scalar_qparams_equal_choose_qparams(
     lo: float, hi: float, bits: int, signed: bool, symmetric: bool
 ) -> None:
