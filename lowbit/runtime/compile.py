@@ -22,6 +22,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -134,18 +135,27 @@ def _share_token_inputs(
     return shared
 
 
+@dataclass
+class _Job:
+    """One call of :func:`compile`: the model, its layers and the options."""
+
+    model: nn.Module
+    layers: dict[str, QModule]
+    dtype: torch.dtype
+    inputs: Inputs | None
+    reference: Reference | None
+    fuse: bool
+    handoff: bool
+    min_sqnr_db: float
+    inductor: bool
+
+
 def _torch_backend(
-    model: nn.Module,
-    layers: dict[str, QModule],
-    dtype: torch.dtype,
-    fuse_graph: bool,
-    handoff: bool,
-    exact_only: bool,
-    reference: Reference | None = None,
-    use_inductor: bool = False,
+    job: _Job, handoff: bool, exact_only: bool
 ) -> tuple[nn.Module, CompileReport, bool]:
     """The torch backend in one configuration; the flag says whether uint8 hand-off was
     really applied (it needs a model torch.fx can trace)."""
+    layers, dtype, use_inductor = job.layers, job.dtype, job.inductor
     set_all(layers, None, exact_only)
     notes = []
     if use_inductor and inductor.available() is not None:
@@ -153,13 +163,14 @@ def _torch_backend(
         use_inductor = False
     if _share_token_inputs(layers, dtype, use_inductor) and use_inductor:
         notes.append("per-token quantization and rescaling compiled by inductor")
-    ranges = reference.ranges if reference is not None else None
-    result = fuse(model, dtype, handoff, ranges) if fuse_graph else FusionResult(model, False)
+    ranges = job.reference.ranges if job.reference is not None else None
+    unfused = FusionResult(job.model, False)
+    result = fuse(job.model, dtype, handoff, ranges) if job.fuse else unfused
     report = CompileReport("torch", _rows(layers, dtype, result.fused), notes=list(result.notes))
     report.notes += notes
     if exact_only:
         report.notes.append("kernels that compute in bfloat16 were passed over (exact only)")
-    if fuse_graph and result.traced and not handoff:
+    if job.fuse and result.traced and not handoff:
         report.notes.append("uint8 hand-off between layers off")
     return result.module, report, handoff and result.traced
 
@@ -193,39 +204,27 @@ def _accept(
     return True
 
 
-def _compile_torch(
-    model: nn.Module,
-    layers: dict[str, QModule],
-    dtype: torch.dtype,
-    inputs: Inputs | None,
-    reference: Reference | None,
-    fuse_graph: bool,
-    handoff: bool,
-    min_sqnr_db: float,
-    use_inductor: bool = False,
-) -> tuple[nn.Module, CompileReport]:
+def _compile_torch(job: _Job) -> tuple[nn.Module, CompileReport]:
     # most integer first: uint8 hand-off (if asked), then float hand-off, then exact kernels
-    tries = [(True, False)] if handoff and fuse_graph else []
+    tries = [(True, False)] if job.handoff and job.fuse else []
     tries += [(False, False), (False, True)]
     failures: list[str] = []
-    for use_handoff, exact_only in tries:
-        module, report, use_handoff = _torch_backend(
-            model, layers, dtype, fuse_graph, use_handoff, exact_only, reference, use_inductor
-        )
-        if inputs is None or reference is None:
+    for handoff, exact_only in tries:
+        module, report, handoff = _torch_backend(job, handoff, exact_only)
+        if job.inputs is None or job.reference is None:
             return module, report
-        report.sqnr_db = _output_sqnr(module, inputs, reference)
-        if _accept(report, layers, reference, min_sqnr_db, use_handoff):
+        report.sqnr_db = _output_sqnr(module, job.inputs, job.reference)
+        if _accept(report, job.layers, job.reference, job.min_sqnr_db, handoff):
             report.notes = failures + report.notes
             return module, report
         failures.append(
-            f"{'uint8 hand-off' if use_handoff else 'bfloat16 kernels'} gave "
-            f"{report.sqnr_db:.1f} dB < {min_sqnr_db} dB against the simulation: turned off"
+            f"{'uint8 hand-off' if handoff else 'bfloat16 kernels'} gave "
+            f"{report.sqnr_db:.1f} dB < {job.min_sqnr_db} dB against the simulation: turned off"
         )
-    set_all(layers, "reference", False)
-    report = CompileReport("reference", _rows(layers, dtype, {}), float("inf"))
+    set_all(job.layers, "reference", False)
+    report = CompileReport("reference", _rows(job.layers, job.dtype, {}), float("inf"))
     report.notes = failures + ["no integer configuration reached min_sqnr_db: the simulation"]
-    return model, report
+    return job.model, report
 
 
 def _compile_ort(
@@ -277,68 +276,47 @@ def compile(  # noqa: A001  # the verb users look for, as torch.compile
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown: use one of {', '.join(BACKENDS)}")
     layers = _layers(model)
-    dtype = _model_dtype(layers)
     reference = None
     if example_inputs is not None:
         reference = reference_run(model, layers, example_inputs)
+    job = _Job(
+        model,
+        layers,
+        _model_dtype(layers),
+        example_inputs,
+        reference,
+        fuse,
+        integer_handoff,
+        min_sqnr_db,
+        inductor,
+    )
     if backend == "reference":
         set_all(layers, "reference", False)
-        module, report = model, CompileReport("reference", _rows(layers, dtype, {}))
+        module, report = model, CompileReport("reference", _rows(layers, job.dtype, {}))
     elif backend == "torch" or (backend == "auto" and example_inputs is None):
-        module, report = _compile_torch(
-            model,
-            layers,
-            dtype,
-            example_inputs,
-            reference,
-            fuse,
-            integer_handoff,
-            min_sqnr_db,
-            inductor,
-        )
+        module, report = _compile_torch(job)
     elif backend == "onnxruntime":
         module, report = _compile_ort(model, example_inputs, reference)
     else:
-        module, report = _auto(
-            model,
-            layers,
-            dtype,
-            example_inputs,
-            reference,
-            fuse,
-            integer_handoff,
-            min_sqnr_db,
-            inductor,
-        )
+        module, report = _auto(job)
     setattr(module, REPORT_ATTR, report)
     return module
 
 
-def _auto(
-    model: nn.Module,
-    layers: dict[str, QModule],
-    dtype: torch.dtype,
-    inputs: Inputs | None,
-    reference: Reference | None,
-    fuse_graph: bool,
-    handoff: bool,
-    min_sqnr_db: float,
-    use_inductor: bool = False,
-) -> tuple[nn.Module, CompileReport]:
+def _auto(job: _Job) -> tuple[nn.Module, CompileReport]:
+    inputs = job.inputs
     assert inputs is not None
-    module, report = _compile_torch(
-        model, layers, dtype, inputs, reference, fuse_graph, handoff, min_sqnr_db, use_inductor
-    )
+    module, report = _compile_torch(job)
     with torch.no_grad():
         timings = {report.backend: _median_ms(lambda: call(module, inputs))}
     best, best_report = module, report
     try:
-        ort_module, ort_report = _compile_ort(model, inputs, reference)
+        ort_module, ort_report = _compile_ort(job.model, inputs, job.reference)
     except (ImportError, RuntimeError, ValueError, TypeError) as err:
         report.notes.append(f"onnxruntime not tried: {str(err).splitlines()[0][:160]}")
     else:
         ort_ok = ort_report.sqnr_db is not None and (
-            ort_report.sqnr_db >= min_sqnr_db
+            ort_report.sqnr_db >= job.min_sqnr_db
             or report.layer_sqnr_db is not None
             and ort_report.sqnr_db >= (report.sqnr_db or 0.0) - 1.0
         )
