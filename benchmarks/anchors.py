@@ -19,6 +19,19 @@ from torch import nn
 
 from benchmarks.harness import THREADS, Row, torch_save_bytes
 
+__all__ = [
+    "export_fp32",
+    "fp32_onnxruntime",
+    "onnxruntime_dynamic",
+    "onnxruntime_static",
+    "ort_run",
+    "torch_ao_dynamic",
+    "torch_ao_static",
+    "torch_save_bytes",
+    "torchao_models",
+    "torchao_rows",
+]
+
 Run = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -32,11 +45,14 @@ def _session(path: Path) -> object:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _ort_run(path: Path) -> Run:
+def ort_run(path: Path) -> Callable[..., torch.Tensor]:
+    """A function running the ONNX file at ``path``: ``run(x)`` for a model whose one input is
+    named ``x``, or ``run({name: tensor})``; returns the first output."""
     session = _session(path)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])  # type: ignore[attr-defined]
+    def run(x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        feed = {k: v.numpy() for k, v in x.items()} if isinstance(x, dict) else {"x": x.numpy()}
+        return torch.from_numpy(session.run(None, feed)[0])  # type: ignore[attr-defined]
 
     return run
 
@@ -70,7 +86,7 @@ def fp32_onnxruntime(
                 file_bytes=path.stat().st_size,
                 quantize_s=0.0,
             ),
-            _ort_run(path),
+            ort_run(path),
         )
     ]
 
@@ -202,7 +218,7 @@ def onnxruntime_dynamic(
                 file_bytes=q_path.stat().st_size,
                 quantize_s=seconds,
             ),
-            _ort_run(q_path),
+            ort_run(q_path),
         )
     ]
 
@@ -253,6 +269,6 @@ def onnxruntime_static(
                 file_bytes=q_path.stat().st_size,
                 quantize_s=seconds,
             ),
-            _ort_run(q_path),
+            ort_run(q_path),
         )
     ]

@@ -96,16 +96,6 @@ def _hidden(model: nn.Module) -> Run:
     return run
 
 
-def _ort_session_run(path: Path) -> Run:
-    session = anchors._session(path)
-
-    def run(inputs: Inputs) -> torch.Tensor:
-        feed = {k: v.numpy() for k, v in inputs.items()}
-        return torch.from_numpy(session.run(None, feed)[0])  # type: ignore[attr-defined]
-
-    return run
-
-
 def _export(model: nn.Module, inputs: Inputs, path: Path) -> Path:
     names = list(inputs)  # input_ids, attention_mask: BertModel.forward's first two arguments
     torch.onnx.export(
@@ -136,7 +126,7 @@ def _anchors(model: nn.Module, inputs: Inputs, folder: Path) -> list[tuple[Row, 
                 file_bytes=fp32_onnx.stat().st_size,
                 quantize_s=0.0,
             ),
-            _ort_session_run(fp32_onnx),
+            anchors.ort_run(fp32_onnx),
         )
     )
     for row, q in anchors.torch_ao_dynamic(model):
@@ -158,7 +148,7 @@ def _anchors(model: nn.Module, inputs: Inputs, folder: Path) -> list[tuple[Row, 
                 file_bytes=q_path.stat().st_size,
                 quantize_s=time.perf_counter() - start,
             ),
-            _ort_session_run(q_path),
+            anchors.ort_run(q_path),
         )
     )
     return out

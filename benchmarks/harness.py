@@ -10,6 +10,7 @@ of threads for torch and onnxruntime (whose workers do not spin).
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import platform
@@ -90,6 +91,36 @@ class Row:
     speedup_eager: float | None = None  # FP32 eager latency / this latency
     speedup_best_fp32: float | None = None  # fastest FP32 baseline / this latency
     notes: list[str] = field(default_factory=list)
+
+
+Quality = Callable[[Callable[[Any], Any], Any], tuple[float, str]]
+
+
+def measure(
+    name: str,
+    candidates: list[tuple[Row, Callable[[Any], Any]]],
+    batches: dict[str, Any],
+    quality: Quality,
+    runs: int,
+) -> list[Row]:
+    """One row per candidate and batch: ``quality(run, batch)`` gives (value, name), and the
+    candidates of each batch are timed together (:func:`time_interleaved`)."""
+    rows: list[Row] = []
+    for bench, x in batches.items():
+        group = []
+        fns = {}
+        for i, (template, run) in enumerate(candidates):
+            row = copy.deepcopy(template)
+            row.benchmark = f"{name} {bench}"
+            with torch.no_grad():
+                row.quality, row.quality_name = quality(run, x)
+            group.append(row)
+            fns[str(i)] = lambda run=run, x=x: run(x)
+        medians = time_interleaved(fns, runs=runs)
+        for i, row in enumerate(group):
+            row.latency_ms = medians[str(i)]
+        rows += group
+    return rows
 
 
 def add_speedups(rows: list[Row]) -> None:

@@ -15,7 +15,6 @@ benchmarks/results/mlp.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 import time
 import warnings
@@ -27,7 +26,7 @@ from torch import nn
 
 import lowbit
 from benchmarks import anchors
-from benchmarks.harness import Row, cosine, save, setup, time_interleaved, torch_save_bytes
+from benchmarks.harness import Row, cosine, measure, save, setup, torch_save_bytes
 
 SIZES = (1024, 4096, 4096, 1024)
 LOWBIT_RECIPES = ("w8a8-dynamic", "w8a8", "w8a16", "w4a16", "w4a16-g128")
@@ -128,21 +127,14 @@ def main() -> None:
         candidates += anchors.onnxruntime_dynamic(model, batches["batch 64"], folder)
         for recipe in LOWBIT_RECIPES:
             candidates += _lowbit_rows(model, recipe, calibration, batches, folder)
-        rows: list[Row] = []
-        for bench, x in batches.items():
-            with torch.no_grad():
-                reference = model(x)
-            fns = {}
-            for i, (template, run) in enumerate(candidates):
-                row = copy.deepcopy(template)
-                row.benchmark = f"MLP {bench}"
-                with torch.no_grad():
-                    row.quality, row.quality_name = cosine(reference, run(x).float()), "cosine"
-                rows.append(row)
-                fns[str(i)] = lambda run=run, x=x: run(x)
-            medians = time_interleaved(fns, runs=runs)
-            for i, row in enumerate(rows[-len(candidates) :]):
-                row.latency_ms = medians[str(i)]
+        references = {id(x): model(x).detach() for x in batches.values()}
+
+        def quality(
+            run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+        ) -> tuple[float, str]:
+            return cosine(references[id(x)], run(x).float()), "cosine"
+
+        rows = measure("MLP", candidates, batches, quality, runs)
     save("mlp", rows, {"sizes": SIZES, "runs": runs})
 
 

@@ -13,7 +13,6 @@ Writes benchmarks/results/resnet.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 import time
 import warnings
@@ -25,7 +24,7 @@ from torch import nn
 
 import lowbit
 from benchmarks import anchors
-from benchmarks.harness import Row, save, setup, time_interleaved, torch_save_bytes
+from benchmarks.harness import Row, measure, save, setup, torch_save_bytes
 from lowbit.data import (
     SmallResNet,
     calibration_batches,
@@ -102,18 +101,9 @@ def main() -> None:
         candidates += anchors.onnxruntime_static(model, calibration, folder)
         candidates += _lowbit(model, calibration, calibration[0][:64], folder)
         accuracy = {id(run): _accuracy(run, test_x, test_y) for _, run in candidates}
-        rows: list[Row] = []
-        for bench, x in batches.items():
-            fns = {}
-            for i, (template, run) in enumerate(candidates):
-                row = copy.deepcopy(template)
-                row.benchmark = f"ResNet {bench}"
-                row.quality, row.quality_name = accuracy[id(run)], "top-1"
-                rows.append(row)
-                fns[str(i)] = lambda run=run, x=x: run(x)
-            medians = time_interleaved(fns, runs=runs)
-            for i, row in enumerate(rows[-len(candidates) :]):
-                row.latency_ms = medians[str(i)]
+        rows = measure(
+            "ResNet", candidates, batches, lambda run, x: (accuracy[id(run)], "top-1"), runs
+        )
     save("resnet", rows, {"calibration_images": 512, "test_images": len(test_x), "runs": runs})
 
 
