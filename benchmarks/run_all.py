@@ -2,9 +2,9 @@
 
     .venv/bin/python -m benchmarks.run_all [--quick]     (``make bench``)
 
-Runs benchmarks/mlp.py, resnet.py, bert.py and memory.py one after another (each in its own
-process, so none is timed while another runs), then reads their JSON and writes
-benchmarks/results/summary.md. Takes about 15 minutes on 2 cores.
+Runs benchmarks/mlp.py, resnet.py, bert.py, memory.py and agreement.py one after another
+(each in its own process, so none is timed while another runs), then reads their JSON and
+writes benchmarks/results/summary.md. Takes about 12 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -61,6 +61,23 @@ def summary() -> Path:
             _memory_table(json.loads(memory.read_text())),
             "",
         ]
+    agreement = RESULTS / "agreement.json"
+    if agreement.is_file():
+        lines = [
+            "| recipe | mode | SQNR dB | top-1 agreement % | kernels |",
+            "|---|---|---|---|---|",
+        ]
+        for r in json.loads(agreement.read_text())["rows"]:
+            lines.append(
+                f"| {r['recipe']} | {r['mode']} | {r['sqnr_db']:.1f} | "
+                f"{100 * r['top1_agreement']:.2f} | {', '.join(r['kernels'])} |"
+            )
+        parts += [
+            "## integer execution against the simulation (Fashion-MNIST, 10k)",
+            "",
+            "\n".join(lines),
+            "",
+        ]
     if machine:
         parts.insert(
             2,
@@ -78,8 +95,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 timed rounds (smoke test)")
     args = parser.parse_args()
     extra = ["--quick"] if args.quick else []
-    for name in (*BENCHMARKS, "memory"):
-        command = [sys.executable, "-m", f"benchmarks.{name}"] + (extra if name != "memory" else [])
+    for name in (*BENCHMARKS, "memory", "agreement"):
+        quick = extra if name in BENCHMARKS else []
+        command = [sys.executable, "-m", f"benchmarks.{name}", *quick]
         print(f"== {' '.join(command[1:])}", flush=True)
         subprocess.run(command, check=True)
     print(f"wrote {summary()}")
