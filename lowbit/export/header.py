@@ -34,7 +34,6 @@ __all__ = [
     "Header",
     "read_header",
     "checksum",
-    "checksum_chunks",
 ]
 
 FORMAT_NAME = "lowbit"
@@ -147,36 +146,6 @@ def checksum(items: Iterable[tuple[str, bytes | memoryview]]) -> str:
         view = memoryview(data).cast("B")
         digest.update(name.encode("utf-8") + b"\0" + len(view).to_bytes(8, "little"))
         digest.update(view)
-    return digest.hexdigest()
-
-
-def checksum_chunks(
-    path: Path, data_start: int, entries: Iterable[tuple[str, TensorEntry]], chunk: int = 1 << 20
-) -> str:
-    """:func:`checksum` of the tensors ``entries`` locate in ``path``, read ``chunk`` bytes at a
-    time (never the whole file at once); the same digest as over the bytes in memory.
-
-    >>> import tempfile, torch
-    >>> from lowbit.api import quantize
-    >>> from lowbit.export import save
-    >>> q = quantize(torch.nn.Sequential(torch.nn.Linear(8, 4)), "w4a16")
-    >>> with tempfile.TemporaryDirectory() as d:
-    ...     h = read_header(save(q, d + "/m"))
-    ...     checksum_chunks(h.path, h.data_start, h.tensors.items(), chunk=3) == h.checksum
-    True
-    """
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for name, entry in sorted(entries, key=lambda item: item[0]):
-            digest.update(name.encode("utf-8") + b"\0" + entry.nbytes.to_bytes(8, "little"))
-            f.seek(data_start + entry.begin)
-            left = entry.nbytes
-            while left > 0:
-                block = f.read(min(chunk, left))
-                if not block:
-                    raise CheckpointError(f"{str(path)!r}: the file ended early (truncated)")
-                digest.update(block)
-                left -= len(block)
     return digest.hexdigest()
 
 
