@@ -145,8 +145,11 @@ def _table(rows: list[DemoRow], fp32_acc: float, fp32_bytes: int, fp32_eval: flo
     table = Table(title="Fashion-MNIST SmallResNet, full 10k test set")
     columns = ("recipe", "top-1 %", "Δ pts", "file KiB", "× smaller", "SQNR dB", "quantize s")
     for col in (*columns, "eval s", "× faster", "kernels"):
-        table.add_column(col, justify="left" if col in ("recipe", "kernels") else "right",
-                         no_wrap=col != "kernels")
+        table.add_column(
+            col,
+            justify="left" if col in ("recipe", "kernels") else "right",
+            no_wrap=col != "kernels",
+        )
     table.add_row(
         "fp32",
         f"{100 * fp32_acc:.2f}",

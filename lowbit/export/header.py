@@ -223,6 +223,10 @@ def _tensor_entries(path: Path, raw: dict[str, Any], data_size: int) -> dict[str
             ) from None
         if entry.dtype not in _ITEMSIZE:
             raise _fail(path, f"tensor {name!r} has unknown dtype {entry.dtype!r}", _RESAVE)
+        if any(d < 0 for d in entry.shape):
+            raise _fail(
+                path, f"tensor {name!r} has a negative dimension {list(entry.shape)}", _RESAVE
+            )
         if not 0 <= entry.begin <= entry.end:
             raise _fail(
                 path, f"tensor {name!r} has bad data offsets [{begin}, {end}] (corrupted)", _RESAVE
@@ -242,7 +246,30 @@ def _tensor_entries(path: Path, raw: dict[str, Any], data_size: int) -> dict[str
                 _RESAVE,
             )
         entries[name] = entry
+    _check_layout(path, entries, data_size)
     return entries
+
+
+def _check_layout(path: Path, entries: dict[str, TensorEntry], data_size: int) -> None:
+    """The tensors tile the data section exactly, as safetensors requires: no overlap (a file
+    of many entries aliasing the same bytes would make a small file allocate without bound),
+    no gap."""
+    position = 0
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if entry.begin != position:
+            raise _fail(
+                path,
+                f"tensor {name!r} starts at data byte {entry.begin} where {position} was "
+                "expected (overlapping or missing tensor data: corrupted)",
+                _RESAVE,
+            )
+        position = entry.end
+    if position != data_size:
+        raise _fail(
+            path,
+            f"the tensors cover {position} of the {data_size} data bytes (corrupted)",
+            _RESAVE,
+        )
 
 
 def _lowbit_json(path: Path, raw: dict[str, Any]) -> dict[str, Any]:

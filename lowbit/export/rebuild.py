@@ -212,5 +212,12 @@ def rebuild(header: Header, tensors: dict[str, torch.Tensor], model: nn.Module) 
             raise _mismatch(
                 header, f"layer {name!r} has no quantized weight in the file", "re-save the model"
             )
+        iq = layer.input_quantizer
+        if iq is not None and not iq.spec.dynamic and iq.scale is None:
+            raise _mismatch(
+                header,
+                f"layer {name!r} has a static input but the file holds no input scale",
+                "re-save the model",
+            )
         layer.freeze()  # an input-only layer: its input grid came from the file
     return out

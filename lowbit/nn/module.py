@@ -103,6 +103,7 @@ class QModule(nn.Module):
     kernel_preference: str | None = None  # a kernel name to use when it can; None: the best
     exact_kernels_only: bool = False  # True: skip kernels that round activations to bfloat16
     _runners: dict[tuple[torch.dtype, str], Kernel]
+    generation: int  # bumped whenever the prepared kernels are dropped
 
     @classmethod
     def from_float(
@@ -127,6 +128,7 @@ class QModule(nn.Module):
         qmod.frozen = False
         qmod.layer_name = label
         qmod._runners = {}
+        qmod.generation = 0
         return qmod
 
     @property
@@ -193,7 +195,7 @@ class QModule(nn.Module):
             if self.input_quantizer is not None:
                 self.input_quantizer.observer = None
             self.frozen = True
-            self._runners = {}
+            self._reset_runners()
             return
         if wq.scale is None:
             self.update_weight_qparams()
@@ -202,15 +204,22 @@ class QModule(nn.Module):
         if self._int_bias_possible():
             iq = self.input_quantizer
             assert self.bias is not None and iq is not None and iq.scale is not None
-            _set_tensor(self, "bias", QTensor.bias(self.bias, qweight.scale * iq.scale))
+            qbias = QTensor.bias(self.bias, qweight.scale * iq.scale)
+            if qbias is not None:  # else a value does not fit int32: the bias stays float
+                _set_tensor(self, "bias", qbias)
         _set_tensor(self, "weight", qweight)
         wq.clear_qparams()
         if self.input_quantizer is not None:
             self.input_quantizer.observer = None
         self.frozen = True
-        self._runners = {}
+        self._reset_runners()
 
     # --- frozen state: kernels -------------------------------------------------------------
+    def _reset_runners(self) -> None:
+        """Drop the prepared kernels; ``generation`` tells fused graphs built on the old ones."""
+        self._runners = {}
+        self.generation = getattr(self, "generation", 0) + 1
+
     def view(self) -> LayerView:
         """Kind, specs and weight shape: what the choice of a kernel depends on."""
         wq, iq = self.weight_quantizer, self.input_quantizer
@@ -249,7 +258,7 @@ class QModule(nn.Module):
         self.kernel_preference = name
         if exact_only is not None:
             self.exact_kernels_only = exact_only
-        self._runners = {}
+        self._reset_runners()
 
     def runner(self, x: torch.Tensor) -> Kernel:
         """The prepared kernel for ``x``'s dtype and device (chosen and prepared on first use).
@@ -292,7 +301,7 @@ class QModule(nn.Module):
         return self.float_forward(x, self.quantized_weight().to(x.dtype), bias)
 
     def _apply(self, fn: Any, recurse: bool = True) -> QModule:
-        self._runners = {}  # .to(), .half(), ...: prepared kernels hold the old tensors
+        self._reset_runners()  # .to(), .half(), ...: prepared kernels hold the old tensors
         super()._apply(fn, recurse)
         return self
 
@@ -359,4 +368,4 @@ class QModule(nn.Module):
             self.input_quantizer.observer = None
             self.input_quantizer.observing = False
         self.frozen = True
-        self._runners = {}
+        self._reset_runners()

@@ -208,18 +208,24 @@ class QTensor(torch.Tensor):
         return cls(data, scale, zero_point, qdtype, granularity, q.shape, dtype, layout, spec)
 
     @classmethod
-    def bias(cls, bias: torch.Tensor, scale: torch.Tensor) -> QTensor:
-        """An int32 bias at ``scale`` (``s_w * s_x``, per output channel or one value).
+    def bias(cls, bias: torch.Tensor, scale: torch.Tensor) -> QTensor | None:
+        """An int32 bias at ``scale`` (``s_w * s_x``, per output channel or one value), or
+        None when a value does not fit int32 at its scale (a pruned or BN-zeroed channel has
+        a tiny weight scale): such a bias stays float.
 
         >>> qb = QTensor.bias(torch.tensor([0.3, -1.0]), torch.tensor([0.1, 0.1]))
         >>> qb.qdata.tolist(), qb.dequantize().tolist()
         ([3, -10], [0.30000001192092896, -1.0])
+        >>> QTensor.bias(torch.tensor([8.0]), torch.tensor([3e-9])) is None
+        True
         """
         scale = scale.detach().float().reshape(-1)
         if scale.numel() == 1:
             scale = scale.reshape(())
         gran: Granularity = PerTensor() if scale.ndim == 0 else PerChannel(0)
-        q = torch.round(bias.detach().float() / scale).clamp(-(2**31), 2**31 - 1)
+        q = torch.round(bias.detach().double() / scale.double())  # float64: exact int32 range
+        if q.numel() and float(q.abs().max()) > 2**31 - 1:
+            return None
         zero = torch.zeros(scale.shape, dtype=torch.int32)
         return cls(q.to(torch.int32), scale, zero, None, gran, bias.shape, bias.dtype, "plain")
 
@@ -333,13 +339,27 @@ class QTensor(torch.Tensor):
         handler = _HANDLERS.get(func)
         if handler is not None:
             return handler(*args, **kwargs)
-        if func is torch.ops.aten.copy_.default and isinstance(args[0], QTensor):
+        if _writes_into_qtensor(func, args, kwargs):
             raise RuntimeError(
-                "cannot copy values into a frozen quantized weight: it holds integers; "
+                f"cannot write into a frozen quantized weight ({func}): it holds integers; "
                 "load a .lowbit file with lowbit.load, or quantize the float model again"
             )
         plain_args, plain_kwargs = tree_map_only(QTensor, lambda t: t.dequantize(), (args, kwargs))
         return func(*plain_args, **plain_kwargs)
+
+
+def _writes_into_qtensor(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether ``func`` mutates one of its QTensor arguments (``copy_``, ``mul_``,
+    ``zero_``, ``nn.init.*``...): done on a dequantized copy it would silently do nothing."""
+    schema = getattr(func, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return False
+    for i, argument in enumerate(schema.arguments):
+        value = args[i] if i < len(args) else kwargs.get(argument.name)
+        alias = argument.alias_info
+        if isinstance(value, QTensor) and alias is not None and alias.is_write:
+            return True
+    return False
 
 
 def _detach(t: QTensor) -> QTensor:

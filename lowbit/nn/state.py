@@ -156,6 +156,8 @@ def read_weight(
                 f"expected packed uint8 or int32 {list(pshape)}"
             )
         zero = zero.to(torch.int32)
+        if spec.symmetric and qdtype.signed and bool(zero.any()):
+            raise ValueError(f"{zkey!r} holds nonzero zero points for a symmetric signed grid")
     q = _read_ints(prefix + "qdata", data, qdtype, shape)
     if qdtype.storage_bits < 8:  # kept packed, as stored
         zero = compact_zero_point(zero, qdtype)

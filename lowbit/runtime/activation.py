@@ -126,8 +126,11 @@ class ActivationGrid:
 class LastInput:
     """The last input a group of layers quantized, with the result, so layers that read the
     same tensor on the same grid (an attention block's query, key and value projections)
-    quantize it once. The input is recognised by identity and version counter, so an
-    in-place change between calls is never missed; one input is kept at a time.
+    quantize it once. The input is recognised by identity and version counter (identity alone
+    for inference-mode tensors, which have no counter); one input is kept at a time, and
+    ``lowbit.compile`` clears it at the start of every forward pass of the compiled model, so
+    a buffer refilled between calls (through ``.data`` or numpy, which bump no counter) is
+    never served stale.
 
     >>> cache, calls = LastInput(), []
     >>> x = torch.ones(2, 3)
@@ -144,8 +147,13 @@ class LastInput:
 
     def get(self, x: torch.Tensor, make: Callable[[torch.Tensor], T]) -> T:
         """``make(x)``, computed once for each distinct input tensor (and version)."""
-        if self._input is x and self._version == x._version:
+        version = -1 if x.is_inference() else x._version
+        if self._input is x and self._version == version:
             return self._value  # type: ignore[return-value]
         value = make(x)
-        self._input, self._version, self._value = x, x._version, value
+        self._input, self._version, self._value = x, version, value
         return value
+
+    def clear(self) -> None:
+        """Forget the input kept (a new forward pass begins)."""
+        self._input, self._version, self._value = None, -1, None

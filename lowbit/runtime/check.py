@@ -92,6 +92,7 @@ def reference_run(model: nn.Module, layers: dict[str, QModule], inputs: Inputs) 
     finally:
         for hook in hooks:
             hook.remove()
+        set_all(layers, None, False)  # back on their best kernels
     return found
 
 

@@ -118,12 +118,11 @@ def _rows(
 
 def _share_token_inputs(
     layers: dict[str, QModule], dtype: torch.dtype, use_inductor: bool = False
-) -> int:
+) -> list[LastInput]:
     """Give the per-token int8 layers of one grid a shared :class:`LastInput`, so a tensor read
     by several of them (query, key, value) is quantized once, and their per-token passes
-    compiled by inductor when asked; returns how many layers are per-token."""
+    compiled by inductor when asked; returns the caches (cleared at every forward pass)."""
     caches: dict[object, LastInput] = {}
-    shared = 0
     for layer in layers.values():
         if not layer.frozen:
             continue
@@ -131,8 +130,30 @@ def _share_token_inputs(
         if isinstance(kernel, OneDNNInt8Linear) and kernel.per_token:
             kernel.shared = caches.setdefault(kernel.grid.spec, LastInput())
             kernel.use_inductor(use_inductor)
-            shared += 1
-    return shared
+    return list(caches.values())
+
+
+class _ClearCaches:
+    """A forward pre-hook clearing the shared per-token caches as a forward pass begins."""
+
+    def __init__(self, caches: list[LastInput]) -> None:
+        self.caches = caches
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        for cache in self.caches:
+            cache.clear()
+
+
+def _clear_each_forward(module: nn.Module, caches: list[LastInput]) -> None:
+    """Hook ``module`` (once) so its shared caches never outlive one forward pass."""
+    old = getattr(module, _CLEAR_ATTR, None)
+    if old is not None:
+        old.remove()
+    if caches:
+        setattr(module, _CLEAR_ATTR, module.register_forward_pre_hook(_ClearCaches(caches)))
+
+
+_CLEAR_ATTR = "_lowbit_clear_caches"
 
 
 @dataclass
@@ -161,13 +182,15 @@ def _torch_backend(
     if use_inductor and inductor.available() is not None:
         notes.append(f"inductor not used: {inductor.available()}")
         use_inductor = False
-    if _share_token_inputs(layers, dtype, use_inductor) and use_inductor:
+    caches = _share_token_inputs(layers, dtype, use_inductor)
+    if caches and use_inductor:
         notes.append("per-token quantization and rescaling compiled by inductor")
     ranges = job.reference.ranges if job.reference is not None else None
     unfused = FusionResult(job.model, False)
     result = fuse(job.model, dtype, handoff, ranges) if job.fuse else unfused
     report = CompileReport("torch", _rows(layers, dtype, result.fused), notes=list(result.notes))
     report.notes += notes
+    _clear_each_forward(result.module, caches)
     if exact_only:
         report.notes.append("kernels that compute in bfloat16 were passed over (exact only)")
     if job.fuse and result.traced and not handoff:

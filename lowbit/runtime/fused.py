@@ -49,18 +49,34 @@ class IntLayer(nn.Module):
         self.accum_qparams = accum_qparams
         self.clone_accum = clone_accum
         self._fast: dict[tuple[tuple[int, ...], torch.dtype], Callable[..., torch.Tensor]] = {}
+        self._generation = layer.generation
+        self._fallback = False  # the layer moved off this kernel after fusion
 
     def extra_repr(self) -> str:
         return f"{self.layer.label}: {self.kernel.name}, {describe(self) or 'unfused'}"
 
     # --- the fused call --------------------------------------------------------------------
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        if self.layer.generation != self._generation:
+            self._refresh()
+        if self._fallback:  # the layer's own kernel, then the fused ops one by one
+            return self._finish(self.layer(self._float_input(x)), other)
         fast = self._fast.get((tuple(x.shape), x.dtype))
         if fast is not None and (other is None) != self.add:
             return fast(x, other)
         out = self._general(x, other)
         self._prepare_fast(x, other)
         return out
+
+    def _refresh(self) -> None:
+        """The layer was loaded, moved or given another kernel after fusion: take its new
+        kernel, or run it unfused when that is not a oneDNN one."""
+        self._generation, self._fast = self.layer.generation, {}
+        kernel = self.layer.kernel_for(self.float_dtype)
+        if isinstance(kernel, (OneDNNInt8Conv, OneDNNInt8Linear)):
+            self.kernel, self._fallback = kernel, False
+        else:
+            self._fallback = True
 
     def _prepare_fast(self, x: torch.Tensor, other: torch.Tensor | None) -> None:
         """For a static uint8 grid, every argument but the tensors is known after the first

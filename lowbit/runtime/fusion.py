@@ -44,7 +44,8 @@ from lowbit.spec import QDtype
 __all__ = ["FusionResult", "fuse"]
 
 _RELU_FUNCTIONS: set[Callable[..., Any]] = {torch.relu, F.relu}
-_ADD_FUNCTIONS: set[Callable[..., Any]] = {operator.add, operator.iadd, torch.add}
+# out-of-place adds only: ``a += b`` and ``a.add_(b)`` change ``a`` for every other reader
+_ADD_FUNCTIONS: set[Callable[..., Any]] = {operator.add, torch.add}
 
 
 class _Tracer(fx.Tracer):
@@ -90,7 +91,7 @@ def _is_add(node: fx.Node) -> bool:
         return False
     if node.op == "call_function":
         return node.target in _ADD_FUNCTIONS
-    return node.op == "call_method" and node.target in ("add", "add_")
+    return node.op == "call_method" and node.target == "add"
 
 
 def _drop_identities(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> None:
@@ -152,8 +153,10 @@ def _per_token(plan: _Plan) -> bool:
 
 
 def _static_u8(plan: _Plan) -> tuple[float, int] | None:
+    """The static uint8 grid a layer reads, when oneDNN can write it for the layer: its
+    requantization clamps to the whole [0, 255], so a narrow grid is not one it can write."""
     grid = plan.kernel.grid
-    if grid.scale is None or grid.zero is None:
+    if grid.scale is None or grid.zero is None or (grid.low, grid.high) != (0, 255):
         return None
     return grid.scale, grid.zero
 
@@ -254,15 +257,16 @@ def _shared_quantize(gm: fx.GraphModule, plans: dict[fx.Node, _Plan]) -> int:
 
 
 def _residual_copies(gm: fx.GraphModule, plans: dict[fx.Node, _Plan]) -> None:
-    """A fused add writes into its residual's buffer: keep it only when nothing reads that
-    value afterwards and it is not the caller's own tensor."""
+    """A fused add writes into its residual's buffer: write into it only when it is the fresh
+    output of another fused layer that nothing reads afterwards; anything else (the caller's
+    tensor, or a value some op may return as an alias of one) is copied first."""
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     for node, plan in plans.items():
         other = plan.add_other
         if other is None:
             continue
         later = [u for u in other.users if u is not node and order[u] > order[node]]
-        plan.clone_accum = bool(later) or other.op in ("placeholder", "get_attr", "output")
+        plan.clone_accum = bool(later) or other not in plans
 
 
 def fuse(

@@ -293,6 +293,8 @@ class WeightOnlyInt4Linear(Kernel):
         spec = view.weight_spec
         if spec is None or spec.qdtype.bits != 4 or not spec.qdtype.signed:
             return "the weight is not int4"
+        if spec.qdtype.qmin != -8:
+            return "a narrow int4 grid (the kernel's values are q + 8 in 0..15)"
         gran = spec.gran
         if not isinstance(gran, PerGroup) or gran.group_size not in INT4_GROUPS:
             return f"int4 kernel groups are {INT4_GROUPS} (this weight: {gran.kind})"

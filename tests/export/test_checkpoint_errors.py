@@ -246,3 +246,78 @@ def test_failed_save_keeps_the_old_file(
         save(q, old)
     assert old.read_bytes() == before
     assert [p.name for p in old.parent.iterdir()] == [old.name]
+
+
+# --- crafted layouts and values (found in review) ------------------------------------------
+
+
+def _write_raw(path: Path, header: dict, data: bytes) -> Path:
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+def test_tensors_aliasing_the_same_bytes_are_refused(
+    saved_w8a8: tuple[nn.Module, Path], tmp_path: Path
+) -> None:
+    """Many entries pointing at the same bytes would make a small file allocate N times its
+    size before any model check: the tensors must tile the data section exactly."""
+    src = saved_w8a8[1]
+    data = src.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    raw = json.loads(data[8 : 8 + n])
+    body = data[8 + n :]
+    raw.update({f"junk{i}": {"dtype": "U8", "shape": [len(body)],
+                             "data_offsets": [0, len(body)]} for i in range(50)})
+    message = _load_error(_write_raw(tmp_path / "alias.lowbit", raw, body))
+    assert "overlapping or missing tensor data" in message
+
+
+def test_a_negative_dimension_is_refused(saved_w8a8: tuple[nn.Module, Path], tmp_path: Path):
+    src = saved_w8a8[1]
+    data = src.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    raw = json.loads(data[8 : 8 + n])
+    name = next(k for k, v in raw.items() if k != "__metadata__" and len(v["shape"]) == 2)
+    rows, cols = raw[name]["shape"]
+    raw[name]["shape"] = [-rows, -cols]
+    assert "negative dimension" in _load_error(_write_raw(tmp_path / "neg.lowbit", raw,
+                                                          data[8 + n :]))
+
+
+def _resave(src: Path, dst: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """Re-save ``src`` with edited tensors and a checksum made valid again."""
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(src)
+    edit(tensors)
+    header = json.loads(meta["lowbit"])
+    header["checksum"]["value"] = lowbit.export.header.checksum(
+        (k, lowbit.export.checkpoint._raw(v.contiguous())) for k, v in tensors.items()
+    )
+    meta["lowbit"] = json.dumps(header)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def test_a_zero_point_on_a_symmetric_grid_is_refused(
+    saved_w8a8: tuple[nn.Module, Path], tmp_path: Path
+) -> None:
+    """oneDNN ignores weight zero points: a symmetric weight with one would run wrong."""
+
+    def add_zero(tensors: dict[str, torch.Tensor]) -> None:
+        scale = tensors["fc1.weight.scale"]
+        tensors["fc1.weight.zero_point"] = torch.full(scale.shape, 5, dtype=torch.int32)
+
+    message = _load_error(_resave(saved_w8a8[1], tmp_path / "zp.lowbit", add_zero))
+    assert "nonzero zero points for a symmetric signed grid" in message
+
+
+def test_a_static_input_without_its_scale_is_refused(
+    saved_w8a8: tuple[nn.Module, Path], tmp_path: Path
+) -> None:
+    def drop(tensors: dict[str, torch.Tensor]) -> None:
+        del tensors["fc1.input_quantizer.scale"], tensors["fc1.input_quantizer.zero_point"]
+
+    message = _load_error(_resave(saved_w8a8[1], tmp_path / "noscale.lowbit", drop))
+    assert "static input but the file holds no input scale" in message
