@@ -42,11 +42,17 @@ INFO_ATTR = "_lowbit_info"
 
 @dataclass
 class PreparedInfo:
-    """What prepare() did to a model: the recipe, the batch norms folded, what it skipped."""
+    """What prepare() did to a model: the recipe, the batch norms folded, what it skipped.
+
+    ``kept_float`` maps the qualified name of every weight-bearing layer that stays in float
+    to the reason (a parent that reads its weight directly, an overridden ``forward``, a recipe
+    rule, ...); ``notes`` are the same and other remarks as lines for logs.
+    """
 
     recipe: Recipe
     folds: list[FoldPair] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    kept_float: dict[str, str] = field(default_factory=dict)
 
 
 def prepared_info(model: nn.Module) -> PreparedInfo:
@@ -111,6 +117,7 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
     ]
     for name, reason in kept_float.items():
         if qmodule_class(model.get_submodule(name)) is not None:
+            info.kept_float[name] = reason
             info.notes.append(f"{name}: kept in float ({reason})")
     if not candidates:
         supported = ", ".join(sorted(cls.__name__ for cls in QMODULES))
@@ -123,6 +130,7 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
     for name, module in candidates:
         config = recipe.config_for(name)
         if config is None:
+            info.kept_float[name] = "a recipe rule keeps it in float (config: null)"
             continue
         qcls = qmodule_class(module)
         assert qcls is not None
