@@ -19,6 +19,7 @@ from lowbit.config import QuantConfig, Recipe, RecipeError, Rule, list_recipes, 
 from lowbit.export import CheckpointError, inspect, load, save, theoretical_size
 from lowbit.export.onnx import export_onnx
 from lowbit.report.metrics import sqnr_db
+from lowbit.report.summary import ModelSummary, summary
 from lowbit.runtime import CompileReport, compile, kernel_report
 from lowbit.runtime import self_test as runtime_self_test
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QDtype, QuantSpec, SpecError
@@ -26,6 +27,7 @@ from lowbit.spec import PerChannel, PerGroup, PerTensor, QDtype, QuantSpec, Spec
 __all__ = [
     "CheckpointError",
     "CompileReport",
+    "ModelSummary",
     "PerChannel",
     "PerGroup",
     "PerTensor",
@@ -53,5 +55,6 @@ __all__ = [
     "runtime_self_test",
     "save",
     "sqnr_db",
+    "summary",
     "theoretical_size",
 ]
