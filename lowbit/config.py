@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from lowbit.observers import make_observer
+from lowbit.observers import OBSERVERS, make_observer
 from lowbit.spec import PerGroup, QuantSpec, SpecError
 
 __all__ = [
@@ -27,19 +29,89 @@ __all__ = [
 RECIPE_VERSION = 1
 ALGORITHMS: dict[str, Any] = {}
 """Algorithm name -> class; filled by ``lowbit.algorithms`` as each algorithm is defined."""
+YAML_MAX_NODES = 100_000  # values in a recipe once aliases are expanded (billion-laughs bound)
+YAML_MAX_DEPTH = 32  # nesting levels, aliases followed
+SPEC_KEYS = {"dtype", "bits", "granularity", "symmetric", "dynamic", "observer", "rounding"}
 
 
 class RecipeError(SpecError):
     """A recipe that cannot be used; the message names the key and the fix."""
 
 
-def _only_keys(data: Any, allowed: set[str], where: str) -> dict[str, Any]:
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)  # only ever called on values already bounded by the YAML loader
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _only_keys(data: Any, allowed: set[str], where: str, hint: str = "") -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    unknown = sorted(set(data) - allowed)
+        raise RecipeError(
+            f"{where}: expected a mapping, got {type(data).__name__} {_short(data)}{hint}"
+        )
+    unknown = sorted(str(key) for key in data if key not in allowed)
     if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed keys: {sorted(allowed)}")
+        nested = ""
+        if SPEC_KEYS & set(unknown) and "weight" in allowed:
+            nested = "; spec fields go one level down, under weight: or input:"
+        elif {"weight", "input"} & set(unknown) and "default" in allowed:
+            nested = "; weight: and input: go under default: (or a rule's config:)"
+        raise RecipeError(
+            f"{where}: unknown key(s) {unknown}; allowed keys: {sorted(allowed)}{nested}"
+        )
     return data
+
+
+def _spec_mapping(raw: Any, where: str) -> dict[str, Any]:
+    """A weight/input spec as written: a mapping with string keys, checked before parsing."""
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"{where}: expected a mapping such as {{dtype: int8, granularity: per_channel}}, "
+            f"got {type(raw).__name__} {_short(raw)} (write null to keep it in float)"
+        )
+    for key in raw:
+        if not isinstance(key, str):
+            raise RecipeError(f"{where}: key {key!r} is not a field name; write dtype: int8, ...")
+    return raw
+
+
+def _parse_spec(raw: Any, where: str) -> QuantSpec:
+    try:
+        return QuantSpec.from_dict(_spec_mapping(raw, where), where)
+    except RecipeError:
+        raise
+    except SpecError as err:
+        raise RecipeError(str(err)) from None
+
+
+_ARG_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _check_observer_args(spec: QuantSpec, where: str) -> None:
+    """Each observer argument has the type its observer declares: ``bins: 2048.0``,
+    ``percentile: '99.9'`` or ``refine: yes-as-a-string`` are errors, not surprises later."""
+    cls = OBSERVERS.get(spec.observer)
+    if cls is None:
+        return
+    params = inspect.signature(cls.__init__).parameters
+    for name, value in spec.observer_args:
+        param = params.get(name)
+        if param is None:
+            continue  # make_observer names unknown arguments
+        declared = getattr(param.annotation, "__name__", str(param.annotation))
+        allowed = _ARG_TYPES.get(declared)
+        if allowed is None:
+            continue
+        bad_bool = isinstance(value, bool) and bool not in allowed
+        if (
+            bad_bool
+            or not isinstance(value, allowed)
+            or (isinstance(value, float) and not math.isfinite(value))
+        ):
+            example = {"int": "2048", "float": "99.9", "bool": "true"}[declared]
+            raise RecipeError(
+                f"{where}: observer_args.{name}={value!r} must be a finite {declared} "
+                f"(e.g. {name}: {example}, no quotes)"
+            )
 
 
 def _check_role(spec: QuantSpec, role: str, where: str) -> None:
@@ -55,6 +127,7 @@ def _check_role(spec: QuantSpec, role: str, where: str) -> None:
             "(or per_channel) for the input"
         )
     if not spec.dynamic:
+        _check_observer_args(spec, where)
         try:
             make_observer(spec)  # unknown observer_args, entropy off per_tensor, ...
         except SpecError as err:
@@ -95,11 +168,12 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, data: Any, where: str = "config") -> QuantConfig:
         """Read ``{"weight": {...}, "input": {...}}`` strictly."""
-        data = _only_keys(data, {"weight", "input"}, where)
+        hint = " (write {weight: {dtype: int8, ...}, input: ...}, or null for float)"
+        data = _only_keys(data, {"weight", "input"}, where, hint)
         specs: dict[str, QuantSpec | None] = {}
         for role in ("weight", "input"):
             raw = data.get(role)
-            spec = QuantSpec.from_dict(raw, f"{where}.{role}") if raw is not None else None
+            spec = _parse_spec(raw, f"{where}.{role}") if raw is not None else None
             if spec is not None:
                 _check_role(spec, role, f"{where}.{role}")
             specs[role] = spec
@@ -200,7 +274,10 @@ class Recipe:
         data = _only_keys(data, allowed, where)
         if "default" not in data:
             raise RecipeError(f"{where}: missing key 'default' (a config, or null for float)")
-        raw_rules = data.get("rules") or []
+        _check_scalars(data, where)
+        raw_rules = data.get("rules")
+        if raw_rules is None:
+            raw_rules = []
         if not isinstance(raw_rules, list):
             raise RecipeError(
                 f"{where}.rules: expected a list of {{match: GLOB, config: ...}} mappings, "
@@ -221,9 +298,14 @@ class Recipe:
                 )
             )
         default = data["default"]
-        args = data.get("args") or {}
-        if not isinstance(args, dict):
-            raise RecipeError(f"{where}.args: expected a mapping of algorithm arguments")
+        args = data.get("args")
+        if args is None:
+            args = {}
+        if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+            raise RecipeError(
+                f"{where}.args: expected a mapping of algorithm argument names to values "
+                f"(e.g. args: {{damp: 0.01}}), got {_short(args)}"
+            )
         version = data.get("version", RECIPE_VERSION)
         if not isinstance(version, int) or isinstance(version, bool):
             raise RecipeError(
@@ -242,8 +324,8 @@ class Recipe:
             rules=tuple(rules),
             algorithm=data.get("algorithm"),
             args=tuple(sorted(args.items())),
-            name=str(data.get("name", "custom")),
-            description=str(data.get("description", "")),
+            name=data.get("name", "custom"),
+            description=data.get("description", ""),
             fold_batchnorm=fold,
             version=version,
         )
@@ -263,11 +345,111 @@ class Recipe:
     @classmethod
     def from_yaml(cls, text: str, where: str = "recipe") -> Recipe:
         """Parse YAML text (safe loader only)."""
+        return cls.from_dict(_load_yaml(text, where), where)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """The safe loader, refusing nesting deeper than ``YAML_MAX_DEPTH`` while it composes."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self.depth += 1
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{where}: not valid YAML ({err})") from None
-        return cls.from_dict(data, where)
+            if self.depth > YAML_MAX_DEPTH:
+                raise RecipeError(f"YAML nested deeper than {YAML_MAX_DEPTH} levels{_PLAIN}")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+_PLAIN = (
+    " is refused; write the recipe out plainly (a recipe needs no deep nesting or "
+    "chains of &anchors and *aliases)"
+)
+
+
+def _check_unique_keys(node: yaml.MappingNode) -> None:
+    """A key written twice in one mapping is an error (YAML would keep the last silently)."""
+    seen: set[str] = set()
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+            if key.value in seen:
+                line = key.start_mark.line + 1
+                raise RecipeError(
+                    f"line {line}: key {key.value!r} appears twice in one mapping; keep one"
+                )
+            seen.add(key.value)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Values in the document once every alias is expanded, computed on the (small) graph of
+    nodes; raises past ``YAML_MAX_NODES`` or ``YAML_MAX_DEPTH`` and on a recursive alias."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def visit(node: yaml.Node, depth: int) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise RecipeError(f"a YAML alias refers to a mapping or list holding it{_PLAIN}")
+        if depth > YAML_MAX_DEPTH:
+            raise RecipeError(f"YAML nested deeper than {YAML_MAX_DEPTH} levels{_PLAIN}")
+        open_nodes.add(id(node))
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+            _check_unique_keys(node)
+        total = 1
+        for child in children:
+            total += visit(child, depth + 1)
+            if total > YAML_MAX_NODES:
+                raise RecipeError(
+                    f"YAML of more than {YAML_MAX_NODES} values once aliases expand{_PLAIN}"
+                )
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    return visit(root, 0)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` with the document's size bounded before anything is built, so a
+    crafted file (billion laughs: aliases of aliases) is refused at once instead of expanding."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{where}: not valid YAML ({err})") from None
+    except RecipeError as err:
+        raise RecipeError(f"{where}: {err}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_scalars(data: dict[str, Any], where: str) -> None:
+    """name and description are text, algorithm is a name or null."""
+    for key in ("name", "description"):
+        if key in data and not isinstance(data[key], str):
+            raise RecipeError(
+                f"{where}.{key}: expected text, got {type(data[key]).__name__} "
+                f"{_short(data[key])}; quote it if YAML reads it as something else"
+            )
+    algorithm = data.get("algorithm")
+    if algorithm is not None and not isinstance(algorithm, str):
+        raise RecipeError(
+            f"{where}.algorithm: expected an algorithm name or null, got "
+            f"{type(algorithm).__name__} {_short(algorithm)}"
+        )
 
 
 def _shipped() -> dict[str, Path]:
@@ -299,7 +481,18 @@ def load_recipe(recipe: str | Path | Recipe) -> Recipe:
     if path.suffix in {".yaml", ".yml"} or path.exists():
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
-        return Recipe.from_yaml(path.read_text(), where=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise RecipeError(
+                f"cannot read recipe file {str(path)!r} ({err.strerror or err}); check its "
+                "permissions or copy it somewhere readable"
+            ) from None
+        except UnicodeDecodeError:
+            raise RecipeError(
+                f"recipe file {str(path)!r} is not UTF-8 text; give a YAML recipe file"
+            ) from None
+        return Recipe.from_yaml(text, where=str(path))
     raise RecipeError(
         f"recipe {str(recipe)!r} is neither a shipped recipe ({', '.join(sorted(shipped))}) "
         "nor a YAML file; run `lowbit recipes` to list them"

@@ -49,7 +49,12 @@ class QDtype:
     narrow: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or not _MIN_BITS <= self.bits <= _MAX_BITS:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise SpecError(
+                f"bits={self.bits!r} must be a whole number of bits such as 4 or 8 "
+                "(in YAML write bits: 4, without quotes; true/false and 4.0 are not bit counts)"
+            )
+        if not _MIN_BITS <= self.bits <= _MAX_BITS:
             raise SpecError(
                 f"bits={self.bits!r} is out of range: lowbit supports {_MIN_BITS} to {_MAX_BITS} "
                 "bits (2..8 for weights and activations, 16 for high-precision layers)"
@@ -132,7 +137,11 @@ class PerGroup:
     kind: Literal["per_group"] = field(default="per_group", init=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.group_size, int) or self.group_size < 1:
+        if (
+            isinstance(self.group_size, bool)
+            or not isinstance(self.group_size, int)
+            or self.group_size < 1
+        ):
             raise SpecError(
                 f"group_size={self.group_size!r} must be a positive integer (typical: 32, 64, 128)"
             )
