@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,15 +13,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.config import ALGORITHMS, Recipe, RecipeError, load_recipe
+from lowbit.config import ALGORITHMS, QuantConfig, Recipe, RecipeError, load_recipe
 from lowbit.fuse import FoldPair, find_foldable, fold_batchnorm
 from lowbit.nn import (
     QMODULES,
     QModule,
+    QTensor,
+    Quantizer,
     disable_fused_path,
     kept_float_by_parent,
     qmodule_class,
+    unswappable_layers,
 )
+from lowbit.observers import make_observer
 
 __all__ = [
     "PreparedInfo",
@@ -90,11 +94,42 @@ def _check_rules(recipe: Recipe, names: list[str]) -> None:
             )
 
 
+def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every qualified name it is registered under (a shared layer has several)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def _shared_config(recipe: Recipe, names: list[str], kind: str = "") -> QuantConfig | None:
+    """The one config of a layer registered under ``names``: every name must agree."""
+    configs = [recipe.config_for(name, kind) for name in names]
+    for name, config in zip(names[1:], configs[1:], strict=True):
+        if config != configs[0]:
+            raise RecipeError(
+                f"{names[0]!r} and {name!r} are the same module used at two places, but the "
+                "recipe gives them different configs; one module has one quantization: give "
+                f"every name of it the same rule (e.g. rules matching both {names})"
+            )
+    return configs[0]
+
+
+def _why_float(recipe: Recipe, name: str, kind: str) -> str:
+    """Why the recipe gives layer ``name`` of ``kind`` no config."""
+    if kind == "embedding" and not any(rule.matches(name) for rule in recipe.rules):
+        return "the recipe has no embedding: section (add one to quantize embeddings weight-only)"
+    return "a recipe rule keeps it in float (config: null)"
+
+
 def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
-    """Fold batch norms and swap every supported layer for its quantized twin.
+    """Fold batch norms and swap every supported layer for its quantized twin; the model
+    comes back in eval mode (call ``.train()`` on it for quantization-aware training).
 
     Layers are found by module type (no tracing), so any model works; batch-norm folding
-    uses torch.fx when it can and says what it skipped when it cannot.
+    uses torch.fx when it can and says what it skipped when it cannot. A layer registered
+    under several names (``model.a = model.b = nn.Linear(...)``) becomes one quantized
+    layer at every one of them, so calibration sees all its uses.
 
     >>> m = prepare(torch.nn.Sequential(torch.nn.Linear(4, 4)), "w8a8")
     >>> type(m[0]).__name__
@@ -109,7 +144,7 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
         info.folds = fold_batchnorm(model, pairs)
         for note in info.notes:
             logger.info("batch-norm folding: %s", note)
-    kept_float = kept_float_by_parent(model)
+    kept_float = {**unswappable_layers(model), **kept_float_by_parent(model)}
     candidates = [
         (n, m)
         for n, m in model.named_modules()
@@ -126,29 +161,41 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
             f"{type(model).__name__} has no layer lowbit can quantize (supported: {supported})"
             + why_not
         )
-    _check_rules(recipe, [n for n, _ in candidates])
+    aliases, placed = _names_by_module(model), set[str]()
+    _check_rules(recipe, [alias for _, m in candidates for alias in aliases[id(m)]])
     for name, module in candidates:
-        config = recipe.config_for(name)
-        if config is None:
-            info.kept_float[name] = "a recipe rule keeps it in float (config: null)"
-            continue
+        names = aliases[id(module)]
+        held = next((kept_float[n] for n in names if n in kept_float), None)
         qcls = qmodule_class(module)
         assert qcls is not None
-        model.set_submodule(name, qcls.from_float(module, config.weight, config.input, name))
-    info.notes += disable_fused_path(model, set(quantized_layers(model)))
+        config = _shared_config(recipe, names, qcls.kind) if held is None else None
+        if config is None:
+            info.kept_float[name] = held or _why_float(recipe, name, qcls.kind)
+            continue
+        qmod = qcls.from_float(module, config.weight, config.input, name)
+        for alias in names:  # the same quantized object wherever the float one was
+            model.set_submodule(alias, qmod)
+            placed.add(alias)
+        if len(names) > 1:
+            info.notes.append(f"{name}: one layer used as {', '.join(names)}, quantized once")
+    info.notes += disable_fused_path(model, placed)
     setattr(model, INFO_ATTR, info)
-    return model
+    return model.eval()
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:
-    """Run one batch the usual way: tensor -> model(x), dict -> model(**d), tuple -> model(b[0]).
+    """Run one batch the usual way: tensor -> model(x), any mapping (a dict, a tokenizer's
+    ``BatchEncoding``, a ``UserDict``) -> model(**batch), tuple or list -> model(batch[0]).
 
     >>> run_batch(torch.nn.Identity(), (torch.ones(1), torch.zeros(1)))
     tensor([1.])
+    >>> from collections import UserDict
+    >>> run_batch(torch.nn.Identity(), UserDict(input=torch.zeros(1)))
+    tensor([0.])
     """
     if isinstance(batch, torch.Tensor):
         return model(batch)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)) and batch:
         return model(batch[0])
@@ -158,16 +205,39 @@ def run_batch(model: nn.Module, batch: Any) -> Any:
     )
 
 
+def _restart_observer(name: str, quantizer: Quantizer, accumulate: bool) -> None:
+    """Make a calibrated static quantizer observe again: from scratch, or (``accumulate``)
+    adding to the statistics it already holds."""
+    if quantizer.observing:
+        return
+    if not accumulate:
+        observer = make_observer(quantizer.spec).train(quantizer.training)
+        if quantizer.scale is not None:
+            observer.to(quantizer.scale.device)
+        quantizer.observer = observer
+    elif quantizer.observer is None:
+        raise RuntimeError(
+            f"layer {name!r}: accumulate=True, but its input range was set without observed "
+            "statistics (loaded from a file or set by an algorithm); calibrate with "
+            "accumulate=False to compute the range from the new data alone"
+        )
+    quantizer.observing = True
+
+
 def calibrate(
     model: M,
     data: Iterable[Any] | None,
     num_batches: int | None = None,
     progress: bool = False,
+    accumulate: bool = False,
 ) -> M:
     """Run calibration batches through a prepared model, then fix every range.
 
     The model runs in eval mode under no_grad; weights get their qparams too. Every
     submodule gets back the train/eval mode it had (a frozen batch norm stays in eval).
+    Calibrating again with new data computes the ranges from that data alone; with
+    ``accumulate=True`` it adds the new data to what the observers already saw.
+    ``progress=True`` shows a progress bar over the batches.
 
     >>> m = prepare(torch.nn.Sequential(torch.nn.Linear(4, 4)), "w8a8")
     >>> m = calibrate(m, [torch.randn(8, 4)])
@@ -175,11 +245,22 @@ def calibrate(
     False
     """
     layers = quantized_layers(model)
-    watching = {
+    frozen = [name for name, layer in layers.items() if layer.frozen]
+    if frozen and data is not None:
+        raise RuntimeError(
+            f"calibrate() on a converted model: layer {frozen[0]!r} is frozen, its ranges are "
+            "fixed in its integers; calibrate the prepared model before convert() (or "
+            "prepare the float model again)"
+        )
+    static = {
         n: m.input_quantizer
         for n, m in layers.items()
-        if m.input_quantizer is not None and m.input_quantizer.observing
+        if m.input_quantizer is not None and not m.input_quantizer.spec.dynamic
     }
+    if data is not None:
+        for name, quantizer in static.items():
+            _restart_observer(name, quantizer, accumulate)
+    watching = {n: q for n, q in static.items() if q.observing}
     if watching and data is None:
         raise ValueError(
             "this recipe quantizes activations statically: pass calibration data "
@@ -210,8 +291,19 @@ def calibrate(
     return model
 
 
-def convert(model: M, inplace: bool = False) -> M:
+def _bias_kept_float(layer: QModule) -> bool:
+    """Whether a frozen layer could have had an int32 bias but keeps it float (a value of
+    ``round(b / (s_w * s_x))`` did not fit int32)."""
+    return layer._int_bias_possible() and not isinstance(layer.bias, QTensor)
+
+
+def convert(model: M, inplace: bool = False, generator: torch.Generator | None = None) -> M:
     """Freeze every quantized layer: integer weights, fixed scales, int32 biases.
+
+    A bias whose ``round(b / (s_w * s_x))`` leaves int32 (a weight row near zero after
+    pruning, a batch norm with a tiny gamma) stays float: convert logs it and adds a line
+    naming the layer to ``prepared_info(model).notes``. Weights whose spec says
+    ``rounding: stochastic`` are rounded stochastically, drawing from ``generator``.
 
     >>> m = prepare(torch.nn.Sequential(torch.nn.Linear(4, 4)), "w8a8")
     >>> m = calibrate(m, [torch.randn(2, 4)])
@@ -220,9 +312,50 @@ def convert(model: M, inplace: bool = False) -> M:
     """
     if not inplace:
         model = copy.deepcopy(model)
-    for layer in quantized_layers(model).values():
-        layer.freeze()
+    info = getattr(model, INFO_ATTR, None)
+    for name, layer in quantized_layers(model).items():
+        was_frozen = layer.frozen
+        layer.freeze(generator)
+        if not was_frozen and _bias_kept_float(layer):
+            note = (
+                f"{name}: bias kept in float: round(b / (s_w * s_x)) does not fit int32 (a "
+                "weight row near zero, e.g. pruned, or a batch norm with a tiny gamma)"
+            )
+            logger.info("convert: %s", note)
+            if isinstance(info, PreparedInfo):
+                info.notes.append(note)
     return model
+
+
+def _nbytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as held (packed integers for QTensors)."""
+    total, seen = 0, set()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if isinstance(tensor, QTensor):
+            total += tensor.storage_nbytes()
+        else:
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _human(nbytes: int) -> str:
+    if nbytes >= 1 << 20:
+        return f"{nbytes / (1 << 20):.1f} MiB"
+    return f"{nbytes / 1024:.1f} KiB"
+
+
+def _summary(model: nn.Module, info: PreparedInfo, before: int) -> str:
+    """One line: layers quantized and kept float, bytes before and after."""
+    done, kept = len(quantized_layers(model)), sorted(info.kept_float)
+    shown = ", ".join(kept[:4]) + (" ..." if len(kept) > 4 else "")
+    why = f" ({len(kept)} kept float: {shown})" if kept else ""
+    return (
+        f"quantized {done} of {done + len(kept)} layers{why} with {info.recipe.name}, "
+        f"{_human(before)} -> {_human(_nbytes(model))}"
+    )
 
 
 def quantize(
@@ -234,15 +367,24 @@ def quantize(
 ) -> M:
     """Prepare, calibrate, run the recipe's algorithm and convert, on a copy of ``model``.
 
+    The quantized copy comes back in eval mode, ready for inference; ``model`` is left as it
+    was. ``data`` is an iterable of calibration batches (see :func:`run_batch`),
+    ``num_batches`` caps how many are used and ``progress=True`` shows a progress bar over
+    them. One summary line is logged (``logging.INFO`` on ``lowbit.api``): layers quantized
+    and kept float, bytes before and after.
+
     >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> q = quantize(net, "w8a8", data=[torch.randn(16, 8)])
-    >>> q(torch.randn(3, 8)).shape
-    torch.Size([3, 2])
+    >>> q(torch.randn(3, 8)).shape, q.training
+    (torch.Size([3, 2]), False)
     """
     recipe = load_recipe(recipe)
+    before = _nbytes(model)
     prepared = prepare(model, recipe)
     calibrate(prepared, data, num_batches=num_batches, progress=progress)
     if recipe.algorithm is not None:
         algorithm = ALGORITHMS[recipe.algorithm](**dict(recipe.args))
         algorithm.apply(prepared, data)
-    return convert(prepared, inplace=True)
+    converted = convert(prepared, inplace=True)
+    logger.info("%s", _summary(converted, prepared_info(converted), before))
+    return converted

@@ -178,10 +178,11 @@ class QModule(nn.Module):
             and (isinstance(wq.spec.gran, PerTensor) or wq.spec.gran == PerChannel(0))
         )
 
-    def freeze(self) -> None:
+    def freeze(self, generator: torch.Generator | None = None) -> None:
         """Replace the float weight by a :class:`QTensor` (integers, fixed scales); the bias
         becomes int32 at scale ``s_w * s_x`` when the input is statically quantized.
-        Idempotent.
+        A weight spec with ``rounding: stochastic`` draws its roundings from ``generator``
+        (torch's default one when None). Idempotent.
         """
         wq = self.weight_quantizer
         if self.frozen:
@@ -200,7 +201,7 @@ class QModule(nn.Module):
         if wq.scale is None:
             self.update_weight_qparams()
         assert wq.scale is not None and wq.zero_point is not None
-        qweight = QTensor.quantize(self.weight, wq.spec, wq.scale, wq.zero_point)
+        qweight = QTensor.quantize(self.weight, wq.spec, wq.scale, wq.zero_point, generator)
         if self._int_bias_possible():
             iq = self.input_quantizer
             assert self.bias is not None and iq is not None and iq.scale is not None

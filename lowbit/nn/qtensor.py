@@ -165,8 +165,10 @@ class QTensor(torch.Tensor):
         spec: QuantSpec,
         scale: torch.Tensor | None = None,
         zero_point: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> QTensor:
-        """Quantize ``x`` with ``spec`` (qparams from its min/max unless given).
+        """Quantize ``x`` with ``spec`` (qparams from its min/max unless given), rounding as
+        ``spec.rounding`` says (stochastic rounding draws from ``generator``).
 
         >>> qt = QTensor.quantize(torch.tensor([[-1.0, 0.5]]), QuantSpec("int8"))
         >>> qt.int_repr().tolist(), round(qt.scale.item() * 127, 6)
@@ -180,7 +182,7 @@ class QTensor(torch.Tensor):
             scale, zero_point = choose_qparams(lo, hi, spec.qdtype, spec.symmetric)
         scale = scale.detach().float().reshape(qparam_shape(x.shape, spec.gran))
         zero_point = zero_point.detach().to(torch.int32).reshape(scale.shape)
-        q = quantize(x.float(), scale, zero_point, spec.qdtype, spec.gran)
+        q = quantize(x.float(), scale, zero_point, spec.qdtype, spec.gran, spec.rounding, generator)
         return cls.from_int(q, scale, zero_point, spec.qdtype, spec.gran, x.dtype, spec=spec)
 
     @classmethod
