@@ -11,6 +11,7 @@ input is static) and its forward runs whichever registered kernel suits the inpu
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar, cast
 
@@ -23,10 +24,22 @@ from lowbit.nn.quantizer import Quantizer
 from lowbit.nn.state import read_bias, read_weight, write_qtensor
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec, SpecError
 
-__all__ = ["QModule", "register_qmodule", "qmodule_class", "QMODULES", "QMODULE_KINDS"]
+__all__ = [
+    "QModule",
+    "register_qmodule",
+    "register_lazy_qmodule",
+    "qmodule_class",
+    "QMODULES",
+    "QMODULE_KINDS",
+    "LAZY_QMODULES",
+]
 
 QMODULES: dict[type[nn.Module], type[QModule]] = {}
 QMODULE_KINDS: dict[str, type[QModule]] = {}
+# (module, qualified name) of a float class in a package lowbit does not import -> a function
+# building its quantized class; resolved by identity on first sight (see qmodule_class)
+Builder = Callable[[type[nn.Module]], "type[QModule]"]
+LAZY_QMODULES: dict[tuple[str, str], Builder] = {}
 T = TypeVar("T", bound="type[QModule]")
 
 
@@ -46,6 +59,37 @@ def register_qmodule(float_cls: type[nn.Module]) -> Callable[[T], T]:
     return decorator
 
 
+def register_lazy_qmodule(module: str, qualname: str) -> Callable[[Builder], Builder]:
+    """Register a builder of the quantized class for the float class ``module.qualname`` of a
+    package lowbit does not import (transformers: slow to import). The first time
+    :func:`qmodule_class` meets that class, already imported by the user, it checks the class
+    is the very object ``sys.modules[module].qualname``, builds its twin and registers it.
+
+    >>> ("transformers.pytorch_utils", "Conv1D") in LAZY_QMODULES
+    True
+    """
+
+    def decorator(build: Builder) -> Builder:
+        LAZY_QMODULES[(module, qualname)] = build
+        return build
+
+    return decorator
+
+
+def _lazy_twin(cls: type) -> type[QModule] | None:
+    build = LAZY_QMODULES.get((cls.__module__, cls.__qualname__))
+    if build is None:
+        return None
+    found: Any = sys.modules.get(cls.__module__)
+    for part in cls.__qualname__.split("."):
+        found = getattr(found, part, None)
+    if found is not cls:  # the same names on another class: not the one registered
+        return None
+    qcls = build(cls)
+    register_qmodule(cls)(qcls)
+    return qcls
+
+
 def qmodule_class(module: nn.Module) -> type[QModule] | None:
     """The quantized class for ``module`` (by its type, then its bases), or None.
 
@@ -59,6 +103,9 @@ def qmodule_class(module: nn.Module) -> type[QModule] | None:
     for cls in type(module).__mro__:
         if cls in QMODULES:
             return QMODULES[cls]
+        qcls = _lazy_twin(cls)
+        if qcls is not None:
+            return qcls
     return None
 
 
@@ -94,6 +141,9 @@ class QModule(nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    # methods of the float class its computation relies on: a subclass overriding one of
+    # them computes something else, and stays float (lowbit.nn.swap.unswappable_reason)
+    float_methods: ClassVar[tuple[str, ...]] = ("forward",)
     weight: torch.Tensor
     bias: torch.Tensor | None
     weight_quantizer: Quantizer | None
@@ -122,7 +172,7 @@ class QModule(nn.Module):
         qmod = torch.nn.utils.skip_init(cls, **cls._float_args(module), device="meta")
         qmod.train(module.training)
         qmod.weight = module.weight
-        qmod.bias = module.bias
+        qmod.bias = getattr(module, "bias", None)  # an Embedding has none
         qmod.weight_quantizer = Quantizer(weight) if weight is not None else None
         qmod.input_quantizer = Quantizer(input) if input is not None else None
         qmod.frozen = False
@@ -142,6 +192,12 @@ class QModule(nn.Module):
     @classmethod
     def _float_args(cls, module: nn.Module) -> dict[str, Any]:
         raise NotImplementedError
+
+    @classmethod
+    def float_unsupported(cls, module: nn.Module) -> str | None:
+        """Why this float layer cannot get a quantized twin (a setting the twin cannot
+        reproduce), or None when it can."""
+        return None
 
     def float_forward(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None

@@ -6,12 +6,14 @@ lowbit export FILE --model MOD:FACTORY --example SHAPE|MOD:CALLABLE --out model.
 lowbit inspect FILE
 lowbit recipes
 lowbit demo
+
+``MOD`` is imported from ``--app-dir`` (default: the current folder), which goes at the END
+of ``sys.path``: a file there named like an installed package (``sympy.py``) cannot replace it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -23,107 +25,39 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-__all__ = ["main", "import_object", "load_state_dict_file", "build_parser"]
+from lowbit.cli.inputs import (
+    UsageError,
+    build_data,
+    build_model,
+    check_output_path,
+    import_object,
+    os_error_message,
+    write_error,
+)
 
-
-class UsageError(Exception):
-    """A mistake on the command line; printed as one line, exit status 2."""
-
-
-def import_object(spec: str) -> Any:
-    """Import ``"package.module:attr"`` (uvicorn style) and return the attribute.
-
-    >>> import_object("lowbit.data.zoo:MLP").__name__
-    'MLP'
-    """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise UsageError(f"{spec!r} is not MODULE:NAME (for example mypkg.models:create_model)")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise UsageError(f"cannot import module {module_name!r} from {spec!r}: {err}") from None
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UsageError(f"module {module_name!r} has no attribute {attr!r} (from {spec!r})")
-        obj = getattr(obj, part)
-    return obj
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a float state dict from ``.safetensors`` or a torch file (``weights_only=True``).
-
-    >>> load_state_dict_file("missing.pt")
-    Traceback (most recent call last):
-    ...
-    lowbit.cli.UsageError: weights file 'missing.pt' does not exist
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for foreign files
-        raise UsageError(
-            f"cannot read weights {str(path)!r} safely ({str(err).splitlines()[0]}); save a "
-            "state_dict with torch.save(model.state_dict(), ...) or as .safetensors"
-        ) from None
-    if not isinstance(state, dict):
-        raise UsageError(f"weights file {str(path)!r} holds no state dict")
-    return state
-
-
-def _build_model(factory: str, weights: str | None) -> nn.Module:
-    make = import_object(factory)
-    try:
-        model = make() if callable(make) and not isinstance(make, nn.Module) else make
-    except TypeError as err:
-        raise UsageError(f"{factory!r} must be callable with no arguments ({err})") from None
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"{factory!r} returned {type(model).__name__}, not a torch nn.Module")
-    if weights:
-        try:
-            result = model.load_state_dict(load_state_dict_file(weights), strict=False)
-        except RuntimeError as err:  # torch lists every size mismatch on its own line
-            details = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
-            raise UsageError(
-                f"weights {weights!r} do not fit {type(model).__name__}: "
-                f"{details[0] if details else err}"
-                + (f" (and {len(details) - 1} more)" if len(details) > 1 else "")
-            ) from None
-        if result.missing_keys or result.unexpected_keys:
-            raise UsageError(
-                f"weights {weights!r} do not fit {type(model).__name__}: missing "
-                f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-            )
-    return model.eval()
-
-
-def _build_data(spec: str) -> list[Any]:
-    make = import_object(spec)
-    data = make() if callable(make) else make
-    if not hasattr(data, "__iter__"):
-        raise UsageError(f"{spec!r} gave {type(data).__name__}, not an iterable of batches")
-    return list(data) if not isinstance(data, list) else data
+__all__ = ["main", "build_parser"]
 
 
 def _cmd_quantize(args: argparse.Namespace, console: Console) -> None:
+    from safetensors import SafetensorError
+
     from lowbit.api import quantize
+    from lowbit.config import load_recipe
     from lowbit.export import save
 
-    model = _build_model(args.model, args.weights)
-    data = _build_data(args.data) if args.data else None
+    recipe = load_recipe(args.recipe)  # a bad recipe or --out fails before any work
+    out = check_output_path(args.out)
+    if not out.suffix:  # save() appends .lowbit
+        check_output_path(out.with_suffix(".lowbit"))
+    model = build_model(args.model, args.weights, args.app_dir)
+    data = build_data(args.data, args.app_dir) if args.data else None
     start = time.perf_counter()
-    qmodel = quantize(model, args.recipe, data=data, num_batches=args.num_batches)
+    qmodel = quantize(model, recipe, data=data, num_batches=args.num_batches)
     elapsed = time.perf_counter() - start
-    path = save(qmodel, args.out)
+    try:
+        path = save(qmodel, args.out)
+    except (OSError, SafetensorError) as err:
+        raise write_error(err, "--out", args.out) from None
     console.print(
         f"quantized with {args.recipe!s} in {elapsed:.1f} s; wrote {path} "
         f"({path.stat().st_size / 1024:.1f} KiB)"
@@ -148,9 +82,9 @@ def _cmd_eval(args: argparse.Namespace, console: Console) -> None:
     from lowbit.export import load
     from lowbit.runtime import compile, kernel_report
 
-    model = _build_model(args.model, None)
+    model = build_model(args.model, None, args.app_dir)
     qmodel = load(args.quantized, model)  # in eval mode
-    data = _build_data(args.data)
+    data = build_data(args.data, args.app_dir)
     example = data[0][0] if data and isinstance(data[0], (tuple, list)) else None
     runnable = compile(qmodel, args.backend, example_inputs=example)
     start = time.perf_counter()
@@ -163,10 +97,10 @@ def _cmd_eval(args: argparse.Namespace, console: Console) -> None:
     )
 
 
-def _example_inputs(spec: str) -> Any:
+def _example_inputs(spec: str, app_dir: str = ".") -> Any:
     """``1,3,224,224`` (a random float32 tensor of that shape) or ``MOD:CALLABLE``."""
     if ":" in spec:
-        made = import_object(spec)
+        made = import_object(spec, app_dir)
         return made() if callable(made) else made
     try:
         shape = [int(d) for d in spec.split(",")]
@@ -183,8 +117,12 @@ def _cmd_export(args: argparse.Namespace, console: Console) -> None:
     from lowbit.export import load
     from lowbit.export.onnx import export_onnx
 
-    qmodel = load(args.file, _build_model(args.model, None))
-    path = export_onnx(qmodel, _example_inputs(args.example), args.out)
+    check_output_path(args.out)
+    qmodel = load(args.file, build_model(args.model, None, args.app_dir))
+    try:
+        path = export_onnx(qmodel, _example_inputs(args.example, args.app_dir), args.out)
+    except OSError as err:
+        raise write_error(err, "--out", args.out) from None
     console.print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB)")
 
 
@@ -216,6 +154,15 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> None:
     )
 
 
+def _app_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--app-dir",
+        default=".",
+        help="folder holding the MOD of --model/--data (default: the current folder); it is "
+        "searched after the installed packages, never instead of them",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lowbit`` command.
 
@@ -233,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", default="w8a8", help="shipped name or YAML path")
     q.add_argument("--num-batches", type=int, default=None, help="calibration batches to use")
     q.add_argument("--out", required=True, help="output .lowbit file")
+    _app_dir_option(q)
     q.set_defaults(run=_cmd_quantize)
 
     e = sub.add_parser("eval", help="top-1 accuracy of a .lowbit file on (inputs, labels)")
@@ -245,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "torch", "onnxruntime", "reference"],
         help="how the model runs (lowbit.compile); reference is the float simulation",
     )
+    _app_dir_option(e)
     e.set_defaults(run=_cmd_eval)
 
     x = sub.add_parser("export", help="write a .lowbit file as an ONNX QDQ model")
@@ -254,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--example", required=True, help="input shape (1,1,28,28) or MOD:CALLABLE giving inputs"
     )
     x.add_argument("--out", required=True, help="output .onnx file")
+    _app_dir_option(x)
     x.set_defaults(run=_cmd_export)
 
     i = sub.add_parser("inspect", help="per-layer table of a .lowbit file")
@@ -289,13 +239,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, TypeError, RuntimeError, OSError) as err:
+    except Exception as err:  # one line, never a traceback (--debug shows it)
         if args.debug:
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"lowbit {args.command}: error: {message}", file=sys.stderr)
+        print(f"lowbit {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(err: Exception) -> str:
+    """The first line of an error's message; where the message alone does not say what to
+    do, what to do."""
+    if isinstance(err, OSError) and not isinstance(err, UsageError):
+        return os_error_message(err)
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(err, (UsageError, ValueError, TypeError, RuntimeError)) and first:
+        return first
+    return (
+        f"{type(err).__name__}: {first or 'no message'} (unexpected; rerun with --debug to "
+        "see where it came from)"
+    )
 
 
 if __name__ == "__main__":
