@@ -25,6 +25,7 @@ from lowbit.nn import (
     qmodule_class,
     unswappable_layers,
 )
+from lowbit.nn.tied import WeightTies
 from lowbit.observers import make_observer
 
 __all__ = [
@@ -313,9 +314,10 @@ def convert(model: M, inplace: bool = False, generator: torch.Generator | None =
     if not inplace:
         model = copy.deepcopy(model)
     info = getattr(model, INFO_ATTR, None)
+    ties = WeightTies.of(model)  # layers sharing a float weight share its QTensor
     for name, layer in quantized_layers(model).items():
         was_frozen = layer.frozen
-        layer.freeze(generator)
+        layer.freeze(generator, ties)
         if not was_frozen and _bias_kept_float(layer):
             note = (
                 f"{name}: bias kept in float: round(b / (s_w * s_x)) does not fit int32 (a "
@@ -324,6 +326,8 @@ def convert(model: M, inplace: bool = False, generator: torch.Generator | None =
             logger.info("convert: %s", note)
             if isinstance(info, PreparedInfo):
                 info.notes.append(note)
+    if isinstance(info, PreparedInfo):
+        info.notes += ties.notes
     return model
 
 

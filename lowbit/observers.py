@@ -28,6 +28,18 @@ __all__ = [
 ]
 
 
+_MAX_SAMPLES = 1 << 24  # values kept per block by the sampling observers
+_MAX_CANDIDATES = 1024  # clipping ratios the MSE observer tries
+_MAX_BINS = 1 << 16  # histogram bins of the entropy observer (TensorRT uses 2048)
+
+
+def _check_bound(name: str, value: Any, lo: int, hi: int) -> None:
+    """An integer observer argument within ``[lo, hi]``: a recipe (or a file's) asking for
+    a billion bins or candidates would allocate gigabytes or run for hours."""
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise SpecError(f"{name}={value!r} must be an integer in [{lo}, {hi}]")
+
+
 class Observer(nn.Module):
     """Base class: subclasses implement :meth:`observe` and :meth:`bounds`."""
 
@@ -147,6 +159,7 @@ class _SampleObserver(Observer):
 
     def __init__(self, spec: QuantSpec, max_samples: int = 1 << 16) -> None:
         super().__init__(spec)
+        _check_bound("max_samples", max_samples, 1, _MAX_SAMPLES)
         self.max_samples = max_samples
         self.generator = torch.Generator().manual_seed(0)
         self.samples: torch.Tensor | None = None
@@ -220,6 +233,7 @@ class MSEObserver(_SampleObserver):
         super().__init__(spec, max_samples)
         if num_candidates < 1 or not 0.0 < min_ratio <= 1.0:
             raise SpecError("MSEObserver: num_candidates >= 1 and min_ratio in (0, 1] required")
+        _check_bound("num_candidates", num_candidates, 1, _MAX_CANDIDATES)
         self.ratios = torch.linspace(min_ratio, 1.0, num_candidates)
         self.refine = refine
 
@@ -275,6 +289,7 @@ class EntropyObserver(Observer):
         super().__init__(spec)
         if not isinstance(spec.gran, PerTensor):
             raise SpecError("the entropy observer is per_tensor only: use minmax or mse instead")
+        _check_bound("bins", bins, 2, _MAX_BINS)
         self.bins = bins
         self.hist = torch.zeros(bins, dtype=torch.float64)
         self.amax = 0.0
@@ -334,8 +349,8 @@ class MeanStdObserver(Observer):
 
     def __init__(self, spec: QuantSpec, k: float = 3.0) -> None:
         super().__init__(spec)
-        if k <= 0:
-            raise SpecError(f"k={k} must be positive")
+        if not 0 < k < math.inf:
+            raise SpecError(f"k={k} must be a positive finite number (typical: 3)")
         self.k = k
         self.sum = torch.tensor(0.0, dtype=torch.float64)
         self.sumsq = torch.tensor(0.0, dtype=torch.float64)

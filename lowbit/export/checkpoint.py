@@ -6,11 +6,14 @@ scales, packed zero points, int32 biases); float leftovers are stored as they ar
 written or read, the header is checked before any tensor byte is touched (see
 :mod:`lowbit.export.header`), and tensors are read one at a time, a chunk at a time, straight
 into their own memory while the checksum is computed, so a large file is never held twice.
+Header and tensors are read through one open file, so a file re-saved meanwhile (an atomic
+rename) is read whole, old or new, never half of each. Tied weights are stored once
+(:mod:`lowbit.export.ties`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import math
 from pathlib import Path
@@ -23,16 +26,17 @@ from torch import nn
 import lowbit
 from lowbit.api import prepared_info, quantized_layers
 from lowbit.export.atomic import atomic_path
+from lowbit.export.digest import Checksum
 from lowbit.export.header import (
     FORMAT_NAME,
     FORMAT_VERSION,
     CheckpointError,
     Header,
     LayerInfo,
-    checksum,
     read_header,
 )
 from lowbit.export.rebuild import rebuild
+from lowbit.export.ties import drop_aliases, find_ties
 from lowbit.nn import QModule, QTensor
 from lowbit.runtime.ops import release_free_memory
 
@@ -81,7 +85,8 @@ def _layer_info(name: str, layer: QModule) -> LayerInfo:
 
 
 def _storable(state: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
-    """CPU, contiguous tensors that share no memory (safetensors refuses shared storage)."""
+    """CPU, contiguous tensors that share no memory (safetensors refuses shared storage; tied
+    tensors are left out by the caller, what still overlaps, a slice of another, is copied)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, value in state.items():
@@ -93,10 +98,25 @@ def _storable(state: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
         t = value.detach().cpu().contiguous()
         storage = t.untyped_storage()
         if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
-            t = t.clone()  # tied or sliced tensors: store a copy of their own
+            t = t.clone()  # a view of another tensor: store a copy of its own
         seen.add(t.untyped_storage().data_ptr())
         out[key] = t
     return out
+
+
+def file_checksum(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    """The sha256 a file holding ``tensors`` under the lowbit JSON ``meta`` carries
+    (:mod:`lowbit.export.digest`); tools that rewrite a file use it to sign it again.
+
+    >>> a = file_checksum({"format": "lowbit"}, {"w": torch.zeros(2)})
+    >>> a == file_checksum({"format": "lowbit"}, {"w": torch.zeros(2, 1)})  # shape counts
+    False
+    """
+    digest = Checksum(meta)
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.add(key, _SAFETENSORS_DTYPES[t.dtype], tuple(t.shape), _raw(t))
+    return digest.hexdigest()
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -135,25 +155,26 @@ def save(model: nn.Module, path: str | Path) -> Path:
     where = f"cannot save to {str(path)!r}"
     layers = _check_converted(model, where)
     info = prepared_info(model)
-    tensors = _storable(model.state_dict(), where)  # each layer writes its packed form
-    header = {
+    state = model.state_dict(keep_vars=True)  # each layer writes its packed form
+    ties = find_ties(model, state)
+    tensors = _storable(drop_aliases(state, ties), where)
+    header: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "lowbit_version": lowbit.__version__,
         "recipe": info.recipe.to_dict(),
         "folds": [[pair.layer, pair.bn] for pair in info.folds],
         "layers": [_layer_info(name, layer).to_json() for name, layer in layers.items()],
-        "checksum": {
-            "algorithm": "sha256",
-            "value": checksum((key, _raw(t)) for key, t in tensors.items()),
-        },
+        "kept_float": dict(info.kept_float),
+        "ties": ties,
     }
     try:
-        text = json.dumps(header, sort_keys=True)
+        header["checksum"] = {"algorithm": "sha256", "value": file_checksum(header, tensors)}
+        text = json.dumps(header, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise CheckpointError(
             f"{where}: the recipe cannot be written as JSON ({err}); keep recipe args to "
-            "numbers, strings, lists and dicts"
+            "finite numbers, strings, lists and dicts"
         ) from None
     with atomic_path(path) as tmp:  # one metadata key: byte-identical files
         st.save_file(tensors, tmp, metadata={FORMAT_NAME: text})
@@ -180,9 +201,12 @@ _TORCH_DTYPES = {
 }
 
 
-def _read_tensors(header: Header) -> dict[str, torch.Tensor]:
-    """Every tensor read once, a chunk at a time, straight into memory of its own, hashing the
-    bytes on the way; the sha256 is compared before any tensor is used.
+_SAFETENSORS_DTYPES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
+
+
+def _read_tensors(header: Header, f: io.BufferedReader) -> dict[str, torch.Tensor]:
+    """Every tensor read once from the open file ``f``, a chunk at a time, straight into memory
+    of its own, hashing the bytes on the way; the sha256 is compared before any tensor is used.
 
     Not memory-mapped: a mapping's pages stay resident while any tensor of the file is alive,
     so a model that re-packs a weight (the int4 kernel does) would hold the file's bytes and
@@ -191,30 +215,30 @@ def _read_tensors(header: Header) -> dict[str, torch.Tensor]:
     loaded model never depends on the file staying as it is.
     """
     path = header.path
-    digest = hashlib.sha256()
+    digest = Checksum(header.meta)
     tensors: dict[str, torch.Tensor] = {}
-    with path.open("rb") as f:
-        for name, entry in sorted(header.tensors.items()):
-            buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
-            view = buffer.numpy().data  # (nbytes,) memoryview
-            f.seek(header.data_start + entry.begin)
-            done = 0
-            while done < entry.nbytes:
-                got = f.readinto(view[done : min(done + _CHUNK, entry.nbytes)])
-                if not got:
-                    raise CheckpointError(
-                        f"{str(path)!r}: the file ended early (truncated); {_RESAVE_HINT}"
-                    )
-                done += got
-            digest.update(name.encode("utf-8") + b"\0" + entry.nbytes.to_bytes(8, "little"))
-            digest.update(view)
-            tensors[name] = buffer.view(_TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
+    for name, entry in sorted(header.tensors.items()):
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        view = buffer.numpy().data  # (nbytes,) memoryview
+        f.seek(header.data_start + entry.begin)
+        done = 0
+        while done < entry.nbytes:
+            got = f.readinto(view[done : min(done + _CHUNK, entry.nbytes)])
+            if not got:
+                raise CheckpointError(
+                    f"{str(path)!r}: the file ended early (truncated, or cut while it was "
+                    f"read); {_RESAVE_HINT}"
+                )
+            done += got
+        digest.add(name, entry.dtype, entry.shape, view)
+        tensors[name] = buffer.view(_TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
     found = digest.hexdigest()
     if found != header.checksum:
         raise CheckpointError(
-            f"{str(path)!r}: checksum mismatch (sha256 of the tensor data is {found[:12]}..., "
-            f"the header says {header.checksum[:12]}...): the file is corrupted; re-save it "
-            "with lowbit.save(model, path) or restore it from a good copy"
+            f"{str(path)!r}: checksum mismatch (sha256 of the header and tensor data is "
+            f"{found[:12]}..., the header says {header.checksum[:12]}...): the file is "
+            "corrupted or was edited; re-save it with lowbit.save(model, path) or restore it "
+            "from a good copy"
         )
     return tensors
 
@@ -226,8 +250,10 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
     """Rebuild the quantized model saved in ``path`` on a copy of the float ``model``.
 
     ``model`` is a float model of the same architecture (untrained weights are fine); it is
-    not modified. The file is checked (header, bounds, format version, sha256) before use.
-    The model comes back in eval mode, ready for inference (dropout off, batch norms frozen).
+    not modified. The file is checked (header, bounds, format version, sha256) before use,
+    read through one open file (a concurrent re-save is never half read), and weights stored
+    once for several layers come back tied. The model comes back in eval mode, ready for
+    inference (dropout off, batch norms frozen).
 
     >>> import tempfile, torch
     >>> from lowbit.api import quantize
@@ -240,13 +266,21 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
     >>> torch.equal(back(x), q(x))
     True
     """
-    header = read_header(path)
-    tensors = _read_tensors(header)  # checksum verified before anything is built
-    if Path(path).stat().st_size != header.file_size:
-        raise CheckpointError(f"{str(path)!r}: the file changed while it was read; load it again")
+    path = Path(path)
+    if not path.is_file():
+        read_header(path)  # the error naming what is wrong with the path
+    try:
+        f = path.open("rb")
+    except OSError as err:
+        raise CheckpointError(
+            f"{str(path)!r}: cannot be opened ({err.strerror}); check the path and permissions"
+        ) from None
+    with f:
+        header = read_header(path, f)
+        tensors = _read_tensors(header, f)  # checksum verified before anything is built
     loaded = rebuild(header, tensors, model).eval()
     del tensors
-    release_free_memory()  # the mapping's pages and the read buffers, not kept by the heap
+    release_free_memory()  # the read buffers, not kept by the heap
     return loaded
 
 
@@ -254,6 +288,7 @@ def theoretical_size(model: nn.Module) -> int:
     """Bytes a converted model needs at its exact bit widths: ``numel * bits / 8`` per integer
     weight and asymmetric weight zero point (rounded up per tensor; symmetric zero points are
     all zero and cost nothing), plus scales, activation qparams, biases and float leftovers.
+    A tensor the model holds at several places (tied weights) counts once.
 
     >>> from lowbit.api import quantize
     >>> q = quantize(torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False)), "w8a16")
@@ -268,6 +303,6 @@ def theoretical_size(model: nn.Module) -> int:
             bits = weight.qdtype.bits
             exact[_prefix(name) + "weight.qdata"] = math.ceil(weight.numel() * bits / 8)
             exact[_prefix(name) + "weight.zero_point"] = math.ceil(weight.scale.numel() * bits / 8)
-    return sum(
-        exact.get(key, t.numel() * t.element_size()) for key, t in model.state_dict().items()
-    )
+    state = model.state_dict(keep_vars=True)
+    stored = drop_aliases(state, find_ties(model, state))
+    return sum(exact.get(key, t.numel() * t.element_size()) for key, t in stored.items())

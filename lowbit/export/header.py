@@ -9,21 +9,25 @@ to the start of the data) and holds ``"__metadata__"``: ``{"lowbit": JSON}``, on
 safetensors writes metadata keys in no fixed order and a file must be the same bytes every time.
 Everything here is checked from bytes and JSON only; nothing is unpickled or executed.
 
-The checksum is sha256 over the tensors in name-sorted order; for each tensor it hashes the
-UTF-8 name, a NUL byte, the byte count as a little-endian u64, then the raw bytes.
+The checksum (:mod:`lowbit.export.digest`) is sha256 over lowbit's JSON (canonical form, without
+the checksum itself) and every tensor's name, dtype, shape and bytes. Every field is read through
+:mod:`lowbit.export.fields`: a wrong type, an out-of-bounds number, a duplicated layer or key, an
+unknown layer kind or nesting too deep is a :class:`CheckpointError` naming the file and the field.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from lowbit.spec import QDtype
+from lowbit.export import fields
+from lowbit.export.digest import Checksum, checksum
+from lowbit.export.fields import FieldError
+from lowbit.nn import QMODULE_KINDS
+from lowbit.spec import QDtype, QuantSpec, SpecError
 
 __all__ = [
     "CheckpointError",
@@ -33,13 +37,22 @@ __all__ = [
     "TensorEntry",
     "Header",
     "read_header",
+    "Checksum",
     "checksum",
 ]
 
 FORMAT_NAME = "lowbit"
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = frozenset({2})
+FORMAT_VERSION = 3  # 3: the checksum covers the header; tied weights stored once ("ties")
+SUPPORTED_VERSIONS = frozenset({3})
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_MAX_TENSOR_DIMS = 16
+_MAX_WEIGHT_DIMS = 8
+_MAX_ITEMS = 1 << 20  # layers, folds, ties, float layers: far above any real model
+_MAX_RULES = 1 << 14  # recipe rules: each is matched against every layer name
+_WEIGHT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
+_TOP_KEYS = {"format", "format_version", "lowbit_version", "recipe", "folds", "layers", "checksum"}
+_OPTIONAL_KEYS = {"kept_float", "ties"}
+_LAYER_KEYS = {"name", "kind", "weight_shape", "weight_dtype", "weight_spec", "input", "qbias"}
 _ITEMSIZE = {
     "BOOL": 1,
     "U8": 1,
@@ -121,7 +134,12 @@ class LayerInfo:
 
 @dataclass(frozen=True)
 class Header:
-    """A parsed, checked ``.lowbit`` header."""
+    """A parsed, checked ``.lowbit`` header.
+
+    ``kept_float`` maps each layer the model kept in float to the reason; ``ties`` maps the
+    state_dict prefix of a tied weight (``"lm_head.weight"``) to the one stored in the file
+    (``"transformer.wte.weight"``): a tied weight is written once and tied again by load.
+    """
 
     path: Path
     file_size: int
@@ -133,24 +151,17 @@ class Header:
     folds: list[tuple[str, str]]
     layers: list[LayerInfo]
     checksum: str
-
-
-def checksum(items: Iterable[tuple[str, bytes | memoryview]]) -> str:
-    """sha256 hex digest of ``(name, raw bytes)`` pairs, hashed in name-sorted order.
-
-    >>> checksum([("b", b"2"), ("a", b"1")]) == checksum([("a", b"1"), ("b", b"2")])
-    True
-    """
-    digest = hashlib.sha256()
-    for name, data in sorted(items, key=lambda item: item[0]):
-        view = memoryview(data).cast("B")
-        digest.update(name.encode("utf-8") + b"\0" + len(view).to_bytes(8, "little"))
-        digest.update(view)
-    return digest.hexdigest()
+    kept_float: dict[str, str] = field(default_factory=dict)
+    ties: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)  # the raw lowbit JSON
 
 
 def _fail(path: Path, problem: str, fix: str) -> CheckpointError:
     return CheckpointError(f"{str(path)!r}: {problem}; {fix}")
+
+
+def _field_fail(path: Path, err: FieldError) -> CheckpointError:
+    return _fail(path, f"header field {err} (corrupted or crafted)", _RESAVE)
 
 
 def _foreign_hint(head: bytes) -> str:
@@ -161,28 +172,31 @@ def _foreign_hint(head: bytes) -> str:
     return "it does not start with a safetensors header"
 
 
-def _read_json_header(path: Path) -> tuple[dict[str, Any], int, int]:
-    """The raw safetensors JSON header, the data start offset and the file size."""
-    if not path.is_file():
-        raise _fail(path, "no such file", "check the path (lowbit.save returns it)")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if len(head) < 8:
-            raise _fail(
-                path,
-                f"truncated: the file has {size} byte(s), fewer than the 8-byte "
-                "header length a safetensors file starts with",
-                _RESAVE,
-            )
-        if n < 2 or n > _MAX_HEADER_BYTES:
-            raise _fail(
-                path,
-                f"not a lowbit file: {_foreign_hint(head)}",
-                "load it with the tool that wrote it, or save the model with lowbit.save",
-            )
-        raw = f.read(n)
+def _not_lowbit(path: Path, head: bytes) -> CheckpointError:
+    return _fail(
+        path,
+        f"not a lowbit file: {_foreign_hint(head)}",
+        "load it with the tool that wrote it, or save the model with lowbit.save",
+    )
+
+
+def _read_json_header(path: Path, f: BinaryIO) -> tuple[dict[str, Any], int, int]:
+    """The raw safetensors JSON header, the data start offset and the file size, all read
+    from the open file ``f``."""
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        raise _fail(
+            path,
+            f"truncated: the file has {size} byte(s), fewer than the 8-byte "
+            "header length a safetensors file starts with",
+            _RESAVE,
+        )
+    n = int.from_bytes(head, "little")
+    if n < 2 or n > _MAX_HEADER_BYTES:
+        raise _not_lowbit(path, head)
+    raw = f.read(min(n, max(size - 8, 0)))
     if len(raw) < n and raw[:1] in (b"", b"{"):
         raise _fail(
             path,
@@ -191,22 +205,29 @@ def _read_json_header(path: Path) -> tuple[dict[str, Any], int, int]:
             _RESAVE,
         )
     if not raw.startswith(b"{") or len(raw) < n:
-        raise _fail(
-            path,
-            f"not a lowbit file: {_foreign_hint(head)}",
-            "load it with the tool that wrote it, or save the model with lowbit.save",
-        )
+        raise _not_lowbit(path, head)
     try:
-        parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _fail(
-            path,
-            f"the safetensors header is not valid JSON ({err}); the file is corrupted",
-            _RESAVE,
-        ) from None
+        parsed = fields.parse_json(raw, "the safetensors header")
+    except FieldError as err:
+        raise _fail(path, f"{err}; the file is corrupted", _RESAVE) from None
     if not isinstance(parsed, dict):
         raise _fail(path, "the safetensors header is not a JSON object (corrupted)", _RESAVE)
     return parsed, 8 + n, size
+
+
+def _entry(name: str, info: Any) -> TensorEntry:
+    where = f"tensor {fields.short(name)}"
+    fields.text(name, f"a tensor name ({fields.short(name)})")
+    item = fields.mapping(info, where, {"dtype", "shape", "data_offsets"})
+    dtype = fields.text(item["dtype"], f"{where}.dtype", 16)
+    if dtype not in _ITEMSIZE:
+        raise FieldError(f"{where}.dtype {fields.short(dtype)} is not a safetensors dtype")
+    shape = fields.shape(item["shape"], f"{where}.shape", _MAX_TENSOR_DIMS)
+    offsets = fields.array(item["data_offsets"], f"{where}.data_offsets", 2)
+    if len(offsets) != 2:
+        raise FieldError(f"{where}.data_offsets must be [begin, end]")
+    begin, end = (fields.integer(o, f"{where}.data_offsets", 0, 1 << 62) for o in offsets)
+    return TensorEntry(dtype, shape, begin, end)
 
 
 def _tensor_entries(path: Path, raw: dict[str, Any], data_size: int) -> dict[str, TensorEntry]:
@@ -215,21 +236,14 @@ def _tensor_entries(path: Path, raw: dict[str, Any], data_size: int) -> dict[str
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            entry = TensorEntry(str(dtype), tuple(int(d) for d in shape), int(begin), int(end))
-        except (KeyError, TypeError, ValueError):
+            entry = _entry(name, info)
+        except FieldError as err:
+            raise _field_fail(path, err) from None
+        if not entry.begin <= entry.end:
             raise _fail(
-                path, f"tensor {name!r} has a malformed header entry {info!r} (corrupted)", _RESAVE
-            ) from None
-        if entry.dtype not in _ITEMSIZE:
-            raise _fail(path, f"tensor {name!r} has unknown dtype {entry.dtype!r}", _RESAVE)
-        if any(d < 0 for d in entry.shape):
-            raise _fail(
-                path, f"tensor {name!r} has a negative dimension {list(entry.shape)}", _RESAVE
-            )
-        if not 0 <= entry.begin <= entry.end:
-            raise _fail(
-                path, f"tensor {name!r} has bad data offsets [{begin}, {end}] (corrupted)", _RESAVE
+                path,
+                f"tensor {name!r} has bad data offsets [{entry.begin}, {entry.end}] (corrupted)",
+                _RESAVE,
             )
         if entry.end > data_size:
             raise _fail(
@@ -283,71 +297,162 @@ def _lowbit_json(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
             "safetensors.torch.load_file, or save the quantized model with lowbit.save",
         )
     try:
-        data = json.loads(meta[FORMAT_NAME])
-    except json.JSONDecodeError as err:
-        raise _fail(path, f"__metadata__.lowbit is not valid JSON ({err})", _RESAVE) from None
+        data = fields.parse_json(meta[FORMAT_NAME], "__metadata__.lowbit")
+    except FieldError as err:
+        raise _fail(path, str(err), _RESAVE) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise _fail(path, "__metadata__.lowbit is not a lowbit header object (corrupted)", _RESAVE)
     version = data.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise _fail(
             path,
-            f"__metadata__.lowbit.format_version={version!r} is not a positive integer (corrupted)",
+            f"__metadata__.lowbit.format_version={fields.short(version)} is not a positive "
+            "integer (corrupted)",
             _RESAVE,
         )
     if version not in SUPPORTED_VERSIONS:
+        written = data.get("lowbit_version")
         raise _fail(
             path,
-            f"unsupported format version {version} (written by lowbit "
-            f"{data.get('lowbit_version', '?')}); this lowbit reads version(s) "
-            f"{sorted(SUPPORTED_VERSIONS)}",
+            f"unsupported format version {fields.short(version)} (written by lowbit "
+            f"{fields.short(written) if isinstance(written, str) else '?'}); this lowbit reads "
+            f"version(s) {sorted(SUPPORTED_VERSIONS)}",
             "upgrade lowbit to load it"
             if version > max(SUPPORTED_VERSIONS)
-            else "quantize the float model again with this lowbit and save it (older files "
-            "keep the weights in a layout this version no longer reads)",
+            else "load it with the lowbit that wrote it and save it again with this one, or "
+            "quantize the float model again and save it (older files carry a checksum that "
+            "does not cover their header)",
         )
     return data
 
 
-def _field(path: Path, data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    if key not in data:
-        raise _fail(path, f"missing key {key!r} in the lowbit header", _RESAVE)
-    value = data[key]
-    if not isinstance(value, kind):
-        raise _fail(
-            path, f"header key {key!r} has the wrong type ({type(value).__name__})", _RESAVE
-        )
-    return value
-
-
-def _layer(path: Path, item: Any, i: int) -> LayerInfo:
-    if not isinstance(item, dict):
-        raise _fail(path, f"header layers[{i}] is not an object", _RESAVE)
-    where = f"layers[{i}]"
+def _spec(value: Any, where: str) -> dict[str, Any] | None:
+    """A spec object validated by :class:`QuantSpec` and written back in canonical form."""
+    if value is None:
+        return None
+    fields.mapping(value, where)
     try:
-        for key in ("weight_spec", "input"):
-            if item[key] is not None and not isinstance(item[key], dict):
-                raise TypeError(f"{key} must be an object or null")
-        return LayerInfo(
-            name=str(item["name"]),
-            kind=str(item["kind"]),
-            weight_shape=tuple(int(d) for d in item["weight_shape"]),
-            weight_dtype=str(item["weight_dtype"]),
-            weight_spec=item["weight_spec"],
-            input_spec=item["input"],
-            qbias=bool(item["qbias"]),
+        return QuantSpec.from_dict(value, where).to_dict()
+    except (SpecError, TypeError, ValueError, OverflowError) as err:
+        raise FieldError(str(err)[:300]) from None
+
+
+def _layer(item: Any, i: int) -> LayerInfo:
+    where = f"layers[{i}]"
+    item = fields.mapping(item, where, _LAYER_KEYS)
+    kind = fields.text(item["kind"], f"{where}.kind", 64)
+    if kind not in QMODULE_KINDS:
+        raise FieldError(
+            f"{where}.kind {fields.short(kind)} is not a layer kind this lowbit knows "
+            f"({', '.join(sorted(QMODULE_KINDS))}); a newer lowbit may read it"
         )
-    except KeyError as err:
-        raise _fail(path, f"missing key {err.args[0]!r} in header {where}", _RESAVE) from None
-    except (TypeError, ValueError) as err:
-        raise _fail(path, f"header {where} is malformed ({err})", _RESAVE) from None
+    dtype = fields.text(item["weight_dtype"], f"{where}.weight_dtype", 16)
+    if dtype not in _WEIGHT_DTYPES:
+        raise FieldError(
+            f"{where}.weight_dtype {fields.short(dtype)} is not one of {sorted(_WEIGHT_DTYPES)}"
+        )
+    return LayerInfo(
+        name=fields.text(item["name"], f"{where}.name"),
+        kind=kind,
+        weight_shape=fields.shape(item["weight_shape"], f"{where}.weight_shape", _MAX_WEIGHT_DIMS),
+        weight_dtype=dtype,
+        weight_spec=_spec(item["weight_spec"], f"{where}.weight_spec"),
+        input_spec=_spec(item["input"], f"{where}.input"),
+        qbias=fields.boolean(item["qbias"], f"{where}.qbias"),
+    )
 
 
-def read_header(path: str | Path) -> Header:
+def _layers(data: dict[str, Any]) -> list[LayerInfo]:
+    layers = [
+        _layer(item, i) for i, item in enumerate(fields.array(data["layers"], "layers", _MAX_ITEMS))
+    ]
+    seen: set[str] = set()
+    for i, layer in enumerate(layers):
+        if layer.name in seen:
+            raise FieldError(f"layers[{i}].name {fields.short(layer.name)} appears twice")
+        seen.add(layer.name)
+    return layers
+
+
+def _folds(value: Any) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for i, pair in enumerate(fields.array(value, "folds", _MAX_ITEMS)):
+        items = fields.array(pair, f"folds[{i}]", 2)
+        if len(items) != 2:
+            raise FieldError(f"folds[{i}] must be [layer, batch norm]")
+        out.append(
+            (fields.text(items[0], f"folds[{i}][0]"), fields.text(items[1], f"folds[{i}][1]"))
+        )
+    if len(set(out)) != len(out) or len({bn for _, bn in out}) != len(out):
+        raise FieldError("folds lists one batch norm twice")
+    return out
+
+
+def _recipe(value: Any) -> dict[str, Any]:
+    """Its shape only: the recipe itself is validated when a model is rebuilt from it."""
+    recipe = fields.mapping(value, "recipe")
+    if isinstance(recipe.get("rules"), list):
+        fields.array(recipe["rules"], "recipe.rules", _MAX_RULES)
+    return recipe
+
+
+def _ties(value: Any, tensors: dict[str, TensorEntry]) -> dict[str, str]:
+    ties = fields.text_map(value, "ties", _MAX_ITEMS)
+    for alias, source in ties.items():
+        where = f"ties[{fields.short(alias)}]"
+        if source in ties or alias == source:
+            raise FieldError(f"{where} points at another tie ({fields.short(source)})")
+        if source not in tensors and source + ".qdata" not in tensors:
+            raise FieldError(f"{where}: the file holds no tensor {fields.short(source)}")
+        if alias in tensors or any(key.startswith(alias + ".") for key in tensors):
+            raise FieldError(f"{where}: the file also holds {fields.short(alias)} itself")
+    return ties
+
+
+def _checksum(value: Any) -> str:
+    digest = fields.mapping(value, "checksum", {"algorithm", "value"})
+    if digest["algorithm"] != "sha256":
+        raise FieldError(f"checksum.algorithm {fields.short(digest['algorithm'])} is not sha256")
+    hexdigest = fields.text(digest["value"], "checksum.value", 64)
+    if len(hexdigest) != 64 or any(c not in "0123456789abcdef" for c in hexdigest):
+        raise FieldError("checksum.value must be 64 lowercase hex digits")
+    return hexdigest
+
+
+def _header(
+    path: Path, data: dict[str, Any], tensors: dict[str, TensorEntry], where: tuple[int, int]
+) -> Header:
+    missing = sorted(_TOP_KEYS - set(data))
+    if missing:
+        raise _fail(path, f"missing key {missing[0]!r} in the lowbit header", _RESAVE)
+    unknown = sorted(set(data) - _TOP_KEYS - _OPTIONAL_KEYS)
+    if unknown:
+        raise FieldError(f"{fields.short(unknown[0])} is not a lowbit header key")
+    return Header(
+        path=path,
+        file_size=where[1],
+        data_start=where[0],
+        tensors=tensors,
+        format_version=int(data["format_version"]),
+        lowbit_version=fields.text(data["lowbit_version"], "lowbit_version", 64),
+        recipe=_recipe(data["recipe"]),
+        folds=_folds(data["folds"]),
+        layers=_layers(data),
+        checksum=_checksum(data["checksum"]),
+        kept_float=fields.text_map(data.get("kept_float", {}), "kept_float", _MAX_ITEMS),
+        ties=_ties(data.get("ties", {}), tensors),
+        meta=data,
+    )
+
+
+def read_header(path: str | Path, file: BinaryIO | None = None) -> Header:
     """Read and check a ``.lowbit`` header without reading any tensor data.
 
     Checks, in order: the file exists, the 8-byte length is sane, the JSON parses, every
-    tensor's bytes lie inside the file, the metadata says ``lowbit`` with a supported version.
+    tensor's bytes lie inside the file, the metadata says ``lowbit`` with a supported version,
+    then every field's type and bounds. ``file``: read from this open file instead of opening
+    ``path`` (load reads header and tensors through one file descriptor, so a file replaced
+    meanwhile is never half read).
 
     >>> import tempfile, torch
     >>> from lowbit.api import quantize
@@ -359,29 +464,15 @@ def read_header(path: str | Path) -> Header:
     [('0', 'int4')]
     """
     path = Path(path)
-    raw, data_start, size = _read_json_header(path)
+    if file is None:
+        if not path.is_file():
+            raise _fail(path, "no such file", "check the path (lowbit.save returns it)")
+        with path.open("rb") as f:
+            return read_header(path, f)
+    raw, data_start, size = _read_json_header(path, file)
     tensors = _tensor_entries(path, raw, size - data_start)
     data = _lowbit_json(path, raw)
-    folds = _field(path, data, "folds", list)
-    if not all(
-        isinstance(f, list) and len(f) == 2 and all(isinstance(s, str) for s in f) for f in folds
-    ):
-        raise _fail(path, "header key 'folds' must be a list of [layer, bn] names", _RESAVE)
-    layers = [_layer(path, item, i) for i, item in enumerate(_field(path, data, "layers", list))]
-    digest = _field(path, data, "checksum", dict)
-    if digest.get("algorithm") != "sha256" or not isinstance(digest.get("value"), str):
-        raise _fail(
-            path, "header key 'checksum' must be {'algorithm': 'sha256', 'value': hex}", _RESAVE
-        )
-    return Header(
-        path=path,
-        file_size=size,
-        data_start=data_start,
-        tensors=tensors,
-        format_version=int(data["format_version"]),
-        lowbit_version=str(_field(path, data, "lowbit_version", str)),
-        recipe=_field(path, data, "recipe", dict),
-        folds=[(a, b) for a, b in folds],
-        layers=layers,
-        checksum=digest["value"],
-    )
+    try:
+        return _header(path, data, tensors, (data_start, size))
+    except FieldError as err:
+        raise _field_fail(path, err) from None

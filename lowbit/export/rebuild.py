@@ -4,7 +4,10 @@ The float model is copied onto the meta device (nothing allocated for its weight
 file's batch-norm fold structure (no tracing, no use of its float values) and prepared with
 the file's recipe; then ``load_state_dict`` hands every layer its tensors and each quantized
 layer restores its own frozen form (:mod:`lowbit.nn.state`). The caller's model is never
-modified.
+modified. The recipe is parsed and the model prepared with tensors made on the meta device, so
+observers a recipe names (however large a histogram it asks for) allocate nothing: a loaded
+model never observes, its ranges come from the file. Tied weights are tied again
+(:mod:`lowbit.export.ties`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from torch import nn
 from lowbit.api import prepare, prepared_info, quantized_layers
 from lowbit.config import Recipe, RecipeError
 from lowbit.export.header import CheckpointError, Header, LayerInfo
+from lowbit.export.ties import TieError, expand_ties, retie
 from lowbit.fuse import FoldPair, apply_fold_structure
 from lowbit.nn import QModule
+from lowbit.spec import SpecError
 
 __all__ = ["rebuild"]
 
@@ -31,20 +36,30 @@ def _mismatch(header: Header, problem: str, fix: str = _SAME_ARCH) -> Checkpoint
     return CheckpointError(f"cannot load {str(header.path)!r}: {problem}; {fix}")
 
 
+_BAD_RECIPE = (RecipeError, SpecError, TypeError, ValueError, KeyError, OverflowError)
+
+
 def _recipes(header: Header) -> tuple[Recipe, Recipe, list[str]]:
     """The saved recipe (for PreparedInfo) and the one used to rebuild (no folding, no
-    algorithm: the values come from the file), plus notes."""
+    algorithm: the values come from the file), plus notes. Parsed on the meta device: the
+    observers it validates allocate nothing."""
     data = dict(header.recipe)
     notes: list[str] = []
-    try:
-        build = Recipe.from_dict({**data, "algorithm": None, "args": {}}, where="header.recipe")
-    except RecipeError as err:
-        raise _mismatch(header, f"its recipe is invalid ({err})", "re-save the model") from None
-    try:
-        saved = Recipe.from_dict(data, where="header.recipe")
-    except RecipeError as err:
-        saved = build
-        notes.append(f"recipe algorithm not available here ({err}); kept the recipe without it")
+    with torch.device("meta"):
+        try:
+            build = Recipe.from_dict({**data, "algorithm": None, "args": {}}, where="recipe")
+        except _BAD_RECIPE as err:
+            raise _mismatch(
+                header, f"its recipe is invalid ({str(err)[:300]})", "re-save the model"
+            ) from None
+        try:
+            saved = Recipe.from_dict(data, where="recipe")
+        except _BAD_RECIPE as err:
+            saved = build
+            notes.append(
+                f"recipe algorithm not available here ({str(err)[:300]}); kept the recipe "
+                "without it"
+            )
     return saved, dataclasses.replace(build, fold_batchnorm=False), notes
 
 
@@ -78,9 +93,10 @@ def _skeleton(header: Header, model: nn.Module) -> nn.Module:
     out = copy.deepcopy(model, _meta_memo(model))
     try:
         apply_fold_structure(out, folds)
-        prepare(out, build, inplace=True)
-    except (ValueError, TypeError) as err:
-        raise _mismatch(header, f"the model does not match the file ({err})") from None
+        with torch.device("meta"):  # observers built by prepare allocate nothing
+            prepare(out, build, inplace=True)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise _mismatch(header, f"the model does not match the file ({str(err)[:300]})") from None
     info = prepared_info(out)
     info.recipe, info.folds, info.notes = saved, folds, notes
     return out
@@ -193,9 +209,10 @@ def rebuild(header: Header, tensors: dict[str, torch.Tensor], model: nn.Module) 
     _match_layers(header, layers)
     for info in header.layers:
         _check_layer(header, layers[info.name], info)
-    _check_float_entries(header, out, tensors)
+    state = expand_ties(tensors, header.ties)
+    _check_float_entries(header, out, state)
     try:
-        result = out.load_state_dict(dict(tensors), strict=False, assign=True)
+        result = out.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as err:
         raise _mismatch(header, _first_problem(str(err)), "re-save the model") from None
     if result.unexpected_keys:
@@ -220,4 +237,8 @@ def rebuild(header: Header, tensors: dict[str, torch.Tensor], model: nn.Module) 
                 "re-save the model",
             )
         layer.freeze()  # an input-only layer: its input grid came from the file
+    try:
+        retie(out, header.ties)
+    except TieError as err:
+        raise _mismatch(header, str(err), "re-save the model") from None
     return out

@@ -22,6 +22,7 @@ from lowbit.nn.kernels import Kernel, KernelChoice, LayerView, choose_kernel
 from lowbit.nn.qtensor import QTensor
 from lowbit.nn.quantizer import Quantizer
 from lowbit.nn.state import read_bias, read_weight, write_qtensor
+from lowbit.nn.tied import WeightTies
 from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec, SpecError
 
 __all__ = [
@@ -234,11 +235,15 @@ class QModule(nn.Module):
             and (isinstance(wq.spec.gran, PerTensor) or wq.spec.gran == PerChannel(0))
         )
 
-    def freeze(self, generator: torch.Generator | None = None) -> None:
+    def freeze(
+        self, generator: torch.Generator | None = None, ties: WeightTies | None = None
+    ) -> None:
         """Replace the float weight by a :class:`QTensor` (integers, fixed scales); the bias
         becomes int32 at scale ``s_w * s_x`` when the input is statically quantized.
         A weight spec with ``rounding: stochastic`` draws its roundings from ``generator``
-        (torch's default one when None). Idempotent.
+        (torch's default one when None). With ``ties`` (convert() passes them), a float
+        weight shared with a layer frozen before, with the same spec and qparams, becomes
+        that layer's very QTensor. Idempotent.
         """
         wq = self.weight_quantizer
         if self.frozen:
@@ -257,7 +262,11 @@ class QModule(nn.Module):
         if wq.scale is None:
             self.update_weight_qparams()
         assert wq.scale is not None and wq.zero_point is not None
-        qweight = QTensor.quantize(self.weight, wq.spec, wq.scale, wq.zero_point, generator)
+        qweight = ties.frozen_for(self, wq.spec, wq.scale, wq.zero_point) if ties else None
+        if qweight is None:
+            qweight = QTensor.quantize(self.weight, wq.spec, wq.scale, wq.zero_point, generator)
+            if ties is not None:
+                ties.remember(self, wq.spec, wq.scale, wq.zero_point, qweight)
         if self._int_bias_possible():
             iq = self.input_quantizer
             assert self.bias is not None and iq is not None and iq.scale is not None

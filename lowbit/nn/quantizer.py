@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.nn.state import check_input_qparams
 from lowbit.observers import Observer, make_observer
 from lowbit.primitives import choose_qparams, fake_quantize, minmax
 from lowbit.spec import QuantSpec
@@ -71,13 +72,13 @@ class Quantizer(nn.Module):
         # qparams that are not set yet (None buffers) are taken from the state as they are
         scale, zero = state_dict.get(prefix + "scale"), state_dict.get(prefix + "zero_point")
         if self.scale is None and isinstance(scale, torch.Tensor):
-            if not isinstance(zero, torch.Tensor) or zero.shape != scale.shape:
-                error_msgs.append(f"{prefix}zero_point is missing or does not match the scale")
+            if not isinstance(zero, torch.Tensor):
+                error_msgs.append(f"{prefix}zero_point is missing")
                 return
-            if scale.dtype != torch.float32 or not bool(
-                torch.isfinite(scale).all() and (scale > 0).all()
-            ):
-                error_msgs.append(f"{prefix}scale is not float32 finite positive numbers")
+            try:
+                check_input_qparams(prefix, self.spec, scale, zero)
+            except ValueError as err:
+                error_msgs.append(str(err))
                 return
             self.set_qparams(scale, zero)  # then loaded (copied or assigned) as usual below
             self.observer = None

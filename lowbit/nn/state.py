@@ -25,7 +25,7 @@ from lowbit.nn.qtensor import QTensor, compact_zero_point
 from lowbit.primitives import pack_bits, qparam_shape, storage_dtype, unpack_bits
 from lowbit.spec import PerChannel, PerTensor, QDtype, QuantSpec
 
-__all__ = ["write_qtensor", "read_weight", "read_bias"]
+__all__ = ["write_qtensor", "read_weight", "read_bias", "check_input_qparams"]
 
 
 def _canonical_qdata(t: QTensor) -> torch.Tensor:
@@ -158,6 +158,7 @@ def read_weight(
         zero = zero.to(torch.int32)
         if spec.symmetric and qdtype.signed and bool(zero.any()):
             raise ValueError(f"{zkey!r} holds nonzero zero points for a symmetric signed grid")
+        _check_range(zkey, zero, qdtype)
     q = _read_ints(prefix + "qdata", data, qdtype, shape)
     if qdtype.storage_bits < 8:  # kept packed, as stored
         zero = compact_zero_point(zero, qdtype)
@@ -187,3 +188,38 @@ def read_bias(
     gran = PerTensor() if scale.ndim == 0 else PerChannel(0)
     zero = torch.zeros(pshape, dtype=torch.int32)
     return QTensor(data, scale, zero, None, gran, shape, dtype, "plain")
+
+
+def check_input_qparams(key: str, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor) -> None:
+    """Raise a ValueError naming ``key`` unless ``scale`` / ``zero`` can be the calibrated
+    qparams of an input quantized with ``spec``: float32 finite positive scales, integer zero
+    points on the grid (0 for a signed symmetric one), one per tensor (``()``) or one per
+    channel (1-d), both the same shape.
+
+    >>> check_input_qparams("x.", QuantSpec("uint8", symmetric=False),
+    ...                     torch.tensor(0.1), torch.tensor(3, dtype=torch.int32))
+    >>> check_input_qparams("x.", QuantSpec("int8"), torch.tensor(-1.0), torch.tensor(0))
+    Traceback (most recent call last):
+    ValueError: 'x.scale' holds a scale that is not a finite positive number
+    """
+    if spec.dynamic:
+        raise ValueError(f"{key + 'scale'!r}: a dynamic input computes its scale at run time")
+    want = () if isinstance(spec.gran, PerTensor) else None
+    if scale.ndim != (0 if want == () else 1):
+        raise ValueError(
+            f"{key + 'scale'!r} has shape {list(scale.shape)}; a {spec.gran.kind} input has "
+            f"{'one scale (shape [])' if want == () else 'one scale per channel (1-d)'}"
+        )
+    _check_scale(key + "scale", scale, tuple(scale.shape))
+    if zero.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"{key + 'zero_point'!r} is {zero.dtype}, expected int32")
+    if tuple(zero.shape) != tuple(scale.shape):
+        raise ValueError(
+            f"{key + 'zero_point'!r} has shape {list(zero.shape)}, the scale {list(scale.shape)}"
+        )
+    if zero.device.type == "meta":
+        return
+    qdtype = spec.qdtype
+    _check_range(key + "zero_point", zero, qdtype)
+    if spec.symmetric and qdtype.signed and bool(zero.any()):
+        raise ValueError(f"{key + 'zero_point'!r} is nonzero on a symmetric signed grid")

@@ -24,7 +24,8 @@ CopyFile = Callable[[Path], Path]
 
 
 def _rewrite_header(src: Path, dst: Path, edit: Callable[[dict], None]) -> Path:
-    """Re-save ``src``'s tensors with an edited lowbit header (the checksum stays valid)."""
+    """Re-save ``src``'s tensors with an edited lowbit header (the errors tested come before
+    the checksum, which no longer matches, is checked)."""
     with safe_open(str(src), framework="pt") as f:
         meta = dict(f.metadata())
     header = json.loads(meta["lowbit"])
@@ -138,10 +139,7 @@ def test_missing_tensor_key(saved_w8a8: tuple[nn.Module, Path], tmp_path: Path) 
     tensors = load_file(src)
     del tensors["fc1.weight.scale"]
     header = json.loads(meta["lowbit"])
-    digest = lowbit.export.header.checksum(
-        (k, lowbit.export.checkpoint._raw(v.contiguous())) for k, v in tensors.items()
-    )
-    header["checksum"]["value"] = digest
+    header["checksum"]["value"] = lowbit.export.checkpoint.file_checksum(header, tensors)
     meta["lowbit"] = json.dumps(header)
     path = tmp_path / "m.lowbit"
     save_file(tensors, str(path), metadata=meta)
@@ -267,8 +265,12 @@ def test_tensors_aliasing_the_same_bytes_are_refused(
     n = int.from_bytes(data[:8], "little")
     raw = json.loads(data[8 : 8 + n])
     body = data[8 + n :]
-    raw.update({f"junk{i}": {"dtype": "U8", "shape": [len(body)],
-                             "data_offsets": [0, len(body)]} for i in range(50)})
+    raw.update(
+        {
+            f"junk{i}": {"dtype": "U8", "shape": [len(body)], "data_offsets": [0, len(body)]}
+            for i in range(50)
+        }
+    )
     message = _load_error(_write_raw(tmp_path / "alias.lowbit", raw, body))
     assert "overlapping or missing tensor data" in message
 
@@ -281,8 +283,8 @@ def test_a_negative_dimension_is_refused(saved_w8a8: tuple[nn.Module, Path], tmp
     name = next(k for k, v in raw.items() if k != "__metadata__" and len(v["shape"]) == 2)
     rows, cols = raw[name]["shape"]
     raw[name]["shape"] = [-rows, -cols]
-    assert "negative dimension" in _load_error(_write_raw(tmp_path / "neg.lowbit", raw,
-                                                          data[8 + n :]))
+    message = _load_error(_write_raw(tmp_path / "neg.lowbit", raw, data[8 + n :]))
+    assert f"{name!r}.shape[0]=-{rows} is out of range" in message
 
 
 def _resave(src: Path, dst: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
@@ -292,9 +294,7 @@ def _resave(src: Path, dst: Path, edit: Callable[[dict[str, torch.Tensor]], None
     tensors = load_file(src)
     edit(tensors)
     header = json.loads(meta["lowbit"])
-    header["checksum"]["value"] = lowbit.export.header.checksum(
-        (k, lowbit.export.checkpoint._raw(v.contiguous())) for k, v in tensors.items()
-    )
+    header["checksum"]["value"] = lowbit.export.checkpoint.file_checksum(header, tensors)
     meta["lowbit"] = json.dumps(header)
     save_file(tensors, str(dst), metadata=meta)
     return dst
