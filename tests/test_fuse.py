@@ -341,3 +341,30 @@ def test_model_without_batch_norm_is_not_traced(caplog: pytest.LogCaptureFixture
     with caplog.at_level("INFO", logger="lowbit.fuse"):
         assert find_foldable(Untraceable()) == ([], [])
     assert not caplog.records  # nothing to fold, so no warning about tracing
+
+
+@pytest.mark.parametrize("var", [0.0, 1e-8, 1e-6, 1e-5, 3e-5])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_running_variance_near_eps_folds_finite_and_accurate(kind: str, var: float) -> None:
+    """A channel whose running variance is ~0 (dead, or constant in training) gets a scale of
+    up to 1/sqrt(eps) ~ 316: the fold must stay finite and as exact as the unfolded pair."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        layer, bn, x = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), torch.randn(4, 3, 8, 8)
+    else:
+        layer, bn, x = nn.Linear(5, 6), nn.BatchNorm1d(6), torch.randn(16, 5)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(6))
+        bn.running_var.copy_(torch.rand(6) + 0.5)
+        bn.running_var[::2] = var  # every other channel at (or below) eps
+        bn.weight.copy_(torch.rand(6) + 0.5)
+        bn.bias.copy_(torch.randn(6))
+    model = nn.Sequential(layer, bn).eval()
+    with torch.no_grad():
+        expected = model(x)
+        assert fold_batchnorm(model) == [FoldPair("0", "1")]
+        assert isinstance(model[1], nn.Identity)
+        assert torch.isfinite(model[0].weight).all() and torch.isfinite(model[0].bias).all()
+        got = model(x)
+    assert torch.isfinite(got).all()
+    assert sqnr_db(expected, got) >= MIN_SQNR_DB
