@@ -218,6 +218,7 @@ class Recipe:
     description: str = ""
     fold_batchnorm: bool = True
     version: int = RECIPE_VERSION
+    embedding: QuantConfig | None = None  # weight-only config of embeddings no rule matches
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
@@ -228,6 +229,7 @@ class Recipe:
                 f"recipe version {self.version} is not supported by this lowbit "
                 f"(it reads version {RECIPE_VERSION}); upgrade lowbit or rewrite the recipe"
             )
+        _check_embedding(self.embedding, "recipe.embedding")
         if self.algorithm is not None and self.algorithm not in ALGORITHMS:
             known = ", ".join(sorted(ALGORITHMS)) or "none yet"
             raise RecipeError(
@@ -235,12 +237,26 @@ class Recipe:
                 "(or algorithm: null for plain calibration)"
             )
 
-    def config_for(self, name: str) -> QuantConfig | None:
-        """The config of the first rule matching ``name``, else the default."""
-        for rule in self.rules:
-            if rule.matches(name):
-                return rule.config
-        return self.default
+    def config_for(self, name: str, kind: str = "") -> QuantConfig | None:
+        """The config of the first rule matching ``name``, else the default; a layer of
+        ``kind`` ``"embedding"`` that no rule matches gets ``embedding`` instead. An
+        embedding's input is indices: a config with an input spec for one is an error.
+
+        >>> r = load_recipe("w4a16")
+        >>> r.config_for("wte", "embedding").weight.gran, r.config_for("fc").input is None
+        (PerGroup(group_size=32, kind='per_group'), True)
+        """
+        found = next((rule for rule in self.rules if rule.matches(name)), None)
+        if found is None:
+            return self.embedding if kind == "embedding" else self.default
+        if kind == "embedding" and found.config is not None and found.config.input is not None:
+            raise RecipeError(
+                f"rule match={found.match!r} gives the embedding {name!r} an input spec, but "
+                "an embedding's input is token indices; put a rule for it before that one "
+                f"with a weight-only config ({{match: {name!r}, config: {{weight: ...}}}}) "
+                "or config: null to keep it in float"
+            )
+        return found.config
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form; :meth:`from_dict` reads it back."""
@@ -256,6 +272,7 @@ class Recipe:
             "algorithm": self.algorithm,
             "args": dict(self.args),
             "fold_batchnorm": self.fold_batchnorm,
+            "embedding": self.embedding.to_dict() if self.embedding else None,
         }
 
     @classmethod
@@ -270,6 +287,7 @@ class Recipe:
             "algorithm",
             "args",
             "fold_batchnorm",
+            "embedding",
         }
         data = _only_keys(data, allowed, where)
         if "default" not in data:
@@ -328,6 +346,7 @@ class Recipe:
             description=data.get("description", ""),
             fold_batchnorm=fold,
             version=version,
+            embedding=_read_embedding(data.get("embedding"), f"{where}.embedding"),
         )
 
     def to_yaml(self) -> str:
@@ -450,6 +469,34 @@ def _check_scalars(data: dict[str, Any], where: str) -> None:
             f"{where}.algorithm: expected an algorithm name or null, got "
             f"{type(algorithm).__name__} {_short(algorithm)}"
         )
+
+
+def _weight_only(where: str) -> RecipeError:
+    return RecipeError(
+        f"{where}: embeddings are quantized weight-only (their input is token indices); give "
+        "a weight spec and input: null, e.g. embedding: {weight: {dtype: int8, granularity: "
+        "per_channel}}, or embedding: null to keep them in float"
+    )
+
+
+def _check_embedding(config: Any, where: str) -> None:
+    if config is None:
+        return
+    if not isinstance(config, QuantConfig):
+        raise RecipeError(f"{where} must be a QuantConfig or None, got {_short(config)}")
+    if config.input is not None or config.weight is None:
+        raise _weight_only(where)
+
+
+def _read_embedding(raw: Any, where: str) -> QuantConfig | None:
+    """The recipe's ``embedding:`` section: a weight-only config, or null (float embeddings)."""
+    if raw is None:
+        return None
+    if isinstance(raw, dict) and raw.get("input") is not None:
+        raise _weight_only(where)
+    config = QuantConfig.from_dict(raw, where)
+    _check_embedding(config, where)
+    return config
 
 
 def _shipped() -> dict[str, Path]:

@@ -6,6 +6,9 @@ from lowbit.nn.containers import (
     disable_fused_path,
     kept_float_by_parent,
 )
+from lowbit.nn.conv_transpose import QConvTranspose1d, QConvTranspose2d
+from lowbit.nn.embedding import QEmbedding
+from lowbit.nn.hf_conv1d import QHFConv1DBase
 from lowbit.nn.kernels import (
     KERNELS,
     Kernel,
@@ -17,15 +20,25 @@ from lowbit.nn.kernels import (
     kernel_names,
     register_kernel,
 )
-from lowbit.nn.layers import QConv1d, QConv2d, QLinear
-from lowbit.nn.module import QMODULE_KINDS, QMODULES, QModule, qmodule_class, register_qmodule
+from lowbit.nn.layers import QConv1d, QConv2d, QConv3d, QLinear
+from lowbit.nn.module import (
+    LAZY_QMODULES,
+    QMODULE_KINDS,
+    QMODULES,
+    QModule,
+    qmodule_class,
+    register_lazy_qmodule,
+    register_qmodule,
+)
 from lowbit.nn.qtensor import LAYOUTS, Layout, QTensor, register_layout
 from lowbit.nn.quantizer import Quantizer
+from lowbit.nn.swap import unswappable_layers, unswappable_reason
 
 __all__ = [
     "FLOAT_CHILDREN",
     "FUSED_PATHS",
     "KERNELS",
+    "LAZY_QMODULES",
     "LAYOUTS",
     "Kernel",
     "KernelChoice",
@@ -41,6 +54,11 @@ __all__ = [
     "register_layout",
     "QConv1d",
     "QConv2d",
+    "QConv3d",
+    "QConvTranspose1d",
+    "QConvTranspose2d",
+    "QEmbedding",
+    "QHFConv1DBase",
     "QLinear",
     "QMODULES",
     "QModule",
@@ -48,5 +66,8 @@ __all__ = [
     "disable_fused_path",
     "kept_float_by_parent",
     "qmodule_class",
+    "register_lazy_qmodule",
     "register_qmodule",
+    "unswappable_layers",
+    "unswappable_reason",
 ]

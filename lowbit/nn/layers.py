@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.nn.kernels import ReferenceKernel, register_kernel
 from lowbit.nn.module import QModule, register_qmodule
 
-__all__ = ["QLinear", "QConv1d", "QConv2d"]
+__all__ = ["QLinear", "QConv1d", "QConv2d", "QConv3d"]
 
 
 @register_qmodule(nn.Linear)
@@ -50,11 +51,11 @@ class QLinear(QModule, nn.Linear):  # type: ignore[misc]  # Linear infers bias a
 
 
 def _check_conv_input(layer: nn.modules.conv._ConvNd, name: str, x: torch.Tensor) -> None:
-    dims = len(layer.kernel_size)  # 1 for Conv1d, 2 for Conv2d
+    dims = len(layer.kernel_size)  # 1 for Conv1d, 2 for Conv2d, 3 for Conv3d
     if x.ndim not in (dims + 1, dims + 2) or x.shape[-dims - 1] != layer.in_channels:
         raise ValueError(
             f"{name}: expected an (N, C={layer.in_channels}, "
-            f"{', '.join('HW'[2 - dims :])}) input, got shape {tuple(x.shape)}; feed the model "
+            f"{', '.join('DHW'[3 - dims :])}) input, got shape {tuple(x.shape)}; feed the model "
             "inputs of the shape it was built for"
         )
 
@@ -75,7 +76,9 @@ def _conv_args(module: nn.Module) -> dict[str, Any]:
 
 
 class _QConvNd(QModule):
-    """What QConv1d and QConv2d share: float args, the conv call and the input check."""
+    """What QConv1d, QConv2d and QConv3d share: float args, the conv call, the input check."""
+
+    float_methods = ("forward", "_conv_forward")
 
     @classmethod
     def _float_args(cls, module: nn.Module) -> dict[str, Any]:
@@ -123,3 +126,20 @@ class QConv1d(_QConvNd, nn.Conv1d):
     """
 
     kind = "conv1d"
+
+
+@register_qmodule(nn.Conv3d)
+class QConv3d(_QConvNd, nn.Conv3d):
+    """A Conv3d with quantized weight and input (the reference kernel runs it).
+
+    >>> import torch
+    >>> from lowbit.spec import QuantSpec
+    >>> q = QConv3d.from_float(torch.nn.Conv3d(2, 3, 3), QuantSpec("int8"))
+    >>> q(torch.randn(1, 2, 4, 5, 6)).shape
+    torch.Size([1, 3, 2, 3, 4])
+    """
+
+    kind = "conv3d"
+
+
+register_kernel("conv3d")(ReferenceKernel)

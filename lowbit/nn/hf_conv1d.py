@@ -1,0 +1,102 @@
+"""The quantized twin of transformers' ``Conv1D`` (GPT-2's Linear: ``y = x @ W + b``).
+
+Its weight is ``(in, out)``, the transpose of a Linear's, and model code expects that shape,
+so the frozen weight keeps it: the recipe's ``per_channel`` (one scale per output channel,
+axis 0 of a Linear weight) is axis 1 here. ``per_group`` groups consecutive values of each
+stored row, here outputs of one input: a valid grid of the same size, though not the
+input-wise grouping of a Linear. The reference kernel runs it.
+
+transformers is slow to import, so lowbit never imports it: the twin is built and registered
+the first time :func:`~lowbit.nn.module.qmodule_class` meets the very class
+``transformers.pytorch_utils.Conv1D`` in a model (see ``register_lazy_qmodule``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.nn.kernels import ReferenceKernel, register_kernel
+from lowbit.nn.module import QModule, register_lazy_qmodule
+from lowbit.spec import PerChannel, QuantSpec
+
+__all__ = ["QHFConv1DBase", "conv1d_twin", "KIND"]
+
+KIND = "hf_conv1d"
+
+
+class QHFConv1DBase(QModule):
+    """What the quantized ``Conv1D`` does; :func:`conv1d_twin` mixes it with the float class."""
+
+    kind = KIND
+    nf: int
+    nx: int
+
+    def __init__(
+        self,
+        nf: int,
+        nx: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        nn.Module.__init__(self)  # Conv1D's own __init__ takes no device (skip_init needs one)
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.empty(nx, nf, device=device, dtype=dtype))  # (in, out)
+        self.bias = nn.Parameter(torch.empty(nf, device=device, dtype=dtype))
+
+    __repr__ = nn.Module.__repr__  # Conv1D's own shows neither the quantizers nor the state
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}"
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        weight: QuantSpec | None,
+        input: QuantSpec | None = None,
+        name: str = "",
+    ) -> QModule:
+        """Wrap a float Conv1D; per output channel (axis 0 in the recipe) becomes axis 1."""
+        if weight is not None and weight.gran == PerChannel(0):
+            weight = dataclasses.replace(weight, granularity=PerChannel(1))
+        return super().from_float(module, weight, input, name)
+
+    @classmethod
+    def _float_args(cls, module: nn.Module) -> dict[str, Any]:
+        return {"nf": int(getattr(module, "nf")), "nx": int(getattr(module, "nx"))}  # noqa: B009
+
+    def float_forward(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        out = rows @ weight if bias is None else torch.addmm(bias, rows, weight)  # (tokens, out)
+        return out.view(*x.shape[:-1], self.nf)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim == 0 or x.shape[-1] != self.nx:
+            raise ValueError(
+                f"{self.label}: expected an input with {self.nx} features in its last "
+                f"dimension, got shape {tuple(x.shape)}; feed the model inputs of the shape "
+                "it was built for"
+            )
+
+
+@register_lazy_qmodule("transformers.pytorch_utils", "Conv1D")
+def conv1d_twin(float_cls: type[nn.Module]) -> type[QModule]:
+    """The quantized class for transformers' ``Conv1D`` (a subclass of it, so ``isinstance``
+    checks in model code keep working).
+
+    >>> from transformers.pytorch_utils import Conv1D
+    >>> from lowbit.nn import qmodule_class
+    >>> qcls = qmodule_class(Conv1D(8, 4))
+    >>> issubclass(qcls, Conv1D), qcls.kind
+    (True, 'hf_conv1d')
+    """
+    return type("QConv1D", (QHFConv1DBase, float_cls), {"__module__": __name__})
+
+
+register_kernel(KIND)(ReferenceKernel)

@@ -1,0 +1,174 @@
+"""Quantized twins of ConvTranspose1d/2d, Conv3d and transformers' Conv1D (GPT-2): close to
+float, output_size/groups/output_padding kept, static and dynamic inputs, save/load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.config import QuantConfig, Recipe
+from lowbit.nn import QConv3d, QConvTranspose1d, QConvTranspose2d, QModule, QTensor
+from lowbit.spec import PerChannel, QuantSpec
+
+
+def _high_bit(dynamic: bool) -> Recipe:
+    """16-bit weights and inputs: the quantized layer must compute what the float one does."""
+    inputs = QuantSpec("int16", symmetric=False, dynamic=dynamic)
+    return Recipe(QuantConfig(weight=QuantSpec("int16", "per_channel"), input=inputs))
+
+
+class Decoder(nn.Module):
+    """A 1-d and a grouped 2-d transposed conv (output_padding), and a Conv3d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up1 = nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1)
+        self.up2 = nn.ConvTranspose2d(6, 8, 3, stride=2, padding=1, groups=2, dilation=1)
+        self.vol = nn.Conv3d(2, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up1(x))  # (N, 6, 2L)
+        h = self.up2(h[..., None].expand(-1, -1, -1, 4), output_size=[31, 8])  # (N, 8, 31, 8)
+        return h.mean(dim=(2, 3)) + self.vol(v).mean(dim=(1, 2, 3, 4))[:, None]
+
+
+def _inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 8, generator=gen), torch.randn(2, 2, 4, 5, 6, generator=gen)
+
+
+def _decoder() -> Decoder:
+    torch.manual_seed(0)
+    return Decoder().eval()
+
+
+def _quantize(model: nn.Module, recipe: Recipe | str) -> nn.Module:
+    data = [dict(zip(("x", "v"), _inputs(seed), strict=True)) for seed in (0, 10)]
+    return lowbit.quantize(model, recipe, data=data)  # keyword batches; the test batch too
+
+
+def test_kinds_and_per_output_channel_axes() -> None:
+    q = _quantize(_decoder(), "w8a8")
+    assert isinstance(q.up1, QConvTranspose1d) and q.up1.kind == "conv_transpose1d"
+    assert isinstance(q.up2, QConvTranspose2d) and isinstance(q.vol, QConv3d)
+    # (in, out/groups, k): output channels are axis 1; grouped, one scale per input channel
+    assert q.up1.weight.granularity == PerChannel(1) and q.up1.weight.scale.shape == (6,)
+    assert q.up2.weight.granularity == PerChannel(0) and q.up2.weight.scale.shape == (6,)
+    assert q.vol.weight.granularity == PerChannel(0) and q.vol.weight.scale.shape == (4,)
+    assert all(isinstance(m.weight, QTensor) for m in (q.up1, q.up2, q.vol))
+    assert all(not isinstance(m.bias, QTensor) for m in (q.up1, q.up2))  # float bias
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_high_bit_specs_compute_what_float_does(dynamic: bool) -> None:
+    model = _decoder()
+    q = _quantize(model, _high_bit(dynamic))
+    x, v = _inputs(0)
+    with torch.no_grad():
+        for name in ("up1", "vol"):
+            layer, ref = getattr(q, name), getattr(model, name)
+            arg = x if name == "up1" else v
+            assert lowbit.sqnr_db(ref(arg), layer(arg)) >= 70.0, name
+        h = torch.relu(model.up1(x))[..., None].expand(-1, -1, -1, 4)  # calibrated range
+        for size in ([31, 7], [32, 8]):  # output_size picks the output padding
+            want, got = model.up2(h, output_size=size), q.up2(h, output_size=size)
+            assert got.shape == want.shape == (2, 8, *size)
+            assert lowbit.sqnr_db(want, got) >= 70.0
+        assert lowbit.sqnr_db(model(x, v), q(x, v)) >= 70.0
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-dynamic", "w8a16"])
+def test_int8_runs_close_to_float_and_round_trips(recipe: str, tmp_path: Path) -> None:
+    model = _decoder()
+    q = _quantize(model, recipe)
+    x, v = _inputs(0)
+    with torch.no_grad():
+        for name in ("up1", "vol"):
+            arg = x if name == "up1" else v
+            assert lowbit.sqnr_db(getattr(model, name)(arg), getattr(q, name)(arg)) >= 30.0
+        assert lowbit.sqnr_db(model(x, v), q(x, v)) >= 25.0
+        back = lowbit.load(lowbit.save(q, tmp_path / "d.lowbit"), _decoder())
+        assert torch.equal(back(x, v), q(x, v))
+        h = torch.randn(2, 6, 9, 4)
+        assert torch.equal(back.up2(h, output_size=[18, 8]), q.up2(h, output_size=[18, 8]))
+
+
+def test_prepared_transposed_conv_takes_output_size_too() -> None:
+    model = _decoder()
+    prepared = lowbit.prepare(model, "w8a16")
+    h = torch.randn(1, 6, 5, 5)
+    out = prepared.up2(h, output_size=[10, 10])
+    assert out.shape == (1, 8, 10, 10)
+    assert lowbit.sqnr_db(model.up2(h, output_size=[10, 10]), out) >= 30.0
+
+
+# --- transformers' Conv1D (GPT-2) -------------------------------------------------------------
+
+
+def _gpt2(seed: int) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        vocab_size=100,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPT2Model(config).eval()
+
+
+def _quantized_share(model: nn.Module) -> float:
+    """Share of the model's parameter elements held in QTensors (buffers included)."""
+    held = total = 0
+    for module in model.modules():
+        for t in [*module._parameters.values(), *module._buffers.values()]:
+            if t is not None and t.is_floating_point():
+                total += t.numel()
+                held += t.numel() if isinstance(t, QTensor) else 0
+    return held / total
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w4a16"])
+def test_gpt2_conv1d_and_embeddings_are_quantized(recipe: str, tmp_path: Path) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    model = _gpt2(0)
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    q = lowbit.quantize(model, recipe, data=[{"input_ids": ids}])
+    attn = q.h[0].attn.c_attn
+    assert isinstance(attn, Conv1D) and isinstance(attn, QModule) and attn.kind == "hf_conv1d"
+    assert isinstance(attn.weight, QTensor) and attn.weight.shape == (64, 192)  # (in, out)
+    if recipe == "w8a8-dynamic":  # one scale per output channel: axis 1 of (in, out)
+        assert attn.weight.granularity == PerChannel(1) and attn.weight.scale.shape == (192,)
+    assert lowbit.prepared_info(q).kept_float == {}
+    assert _quantized_share(q) >= 0.9
+    with torch.no_grad():
+        want, got = model(ids).last_hidden_state, q(ids).last_hidden_state
+        floor = 25.0 if recipe == "w8a8-dynamic" else 10.0
+        assert lowbit.sqnr_db(want, got) >= floor
+        back = lowbit.load(lowbit.save(q, tmp_path / "g.lowbit"), _gpt2(1))
+        assert _quantized_share(back) == _quantized_share(q)
+        assert torch.equal(back(ids).last_hidden_state, got)
+
+
+def test_conv1d_prepared_forward_matches_float_at_high_bits() -> None:
+    model = _gpt2(0)
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    q = lowbit.quantize(model, _high_bit(dynamic=True))  # embeddings: no section, float
+    with torch.no_grad():
+        assert lowbit.sqnr_db(model(ids).last_hidden_state, q(ids).last_hidden_state) >= 60.0
+
+
+def test_importing_lowbit_does_not_import_transformers() -> None:
+    code = "import sys, lowbit; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,113 @@
+"""Never lose a user's forward: overridden forwards, parametrizations, weight-norm hooks and other
+hooks keep a layer in float with its reason; plain subclasses are still quantized."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+import lowbit
+from lowbit.nn import QConv2d, QLinear, unswappable_reason
+
+
+class AffineLinear(nn.Linear):
+    """A Linear whose forward is its own: 2 * (W x + b) + 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x) + 1
+
+
+class NamedLinear(nn.Linear):
+    """A subclass that only adds an attribute: its forward is nn.Linear's."""
+
+    tag = "kept"
+
+
+class CustomConv(nn.Conv2d):
+    """Overrides the method nn.Conv2d.forward calls, not forward itself."""
+
+    def _conv_forward(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return super()._conv_forward(x, weight.flip(-1), bias)
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(AffineLinear(8, 8), nn.ReLU(), NamedLinear(8, 4)).eval()
+
+
+def test_overridden_forward_stays_float_and_the_output_follows_it() -> None:
+    model = _model()
+    x = torch.randn(16, 8)
+    q = lowbit.quantize(model, "w8a8", data=[x])
+    assert type(q[0]) is AffineLinear  # the user's class, forward and all
+    assert isinstance(q[2], QLinear)  # no forward of its own: quantized
+    reason = lowbit.prepared_info(q).kept_float["0"]
+    assert reason.startswith("AffineLinear overrides Linear.forward()")
+    with torch.no_grad():
+        want, got = model(x), q(x)
+        plain = q[2](torch.relu(nn.functional.linear(x, model[0].weight, model[0].bias)))
+    assert lowbit.sqnr_db(want, got) >= 30.0
+    assert lowbit.sqnr_db(want, plain) < 15.0  # what a plain quantized Linear would give
+
+
+def test_overriding_a_helper_of_forward_counts_too() -> None:
+    conv = CustomConv(2, 2, 3)
+    assert "CustomConv overrides Conv2d._conv_forward()" in (unswappable_reason(conv) or "")
+    assert unswappable_reason(nn.Conv2d(2, 2, 3)) is None
+
+
+def test_instance_forward_replaced_stays_float() -> None:
+    layer = nn.Linear(4, 4)
+    layer.forward = lambda x: x  # type: ignore[method-assign]  # what accelerate's hooks do
+    assert "forward was replaced on the instance" in (unswappable_reason(layer) or "")
+
+
+@pytest.mark.parametrize("style", ["parametrizations", "old"])
+def test_weight_norm_conv1d_stays_float(style: str) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv1d(3, 4, 3)
+    if style == "parametrizations":
+        conv = parametrizations.weight_norm(conv)
+        expected = "its weight is parametrized (_WeightNorm"
+    else:
+        conv = torch.nn.utils.weight_norm(conv)  # deprecated: weight_g, weight_v and a hook
+        expected = "weight_norm recomputes its weight from weight_g and weight_v"
+    model = nn.Sequential(conv, nn.ReLU(), nn.Conv1d(4, 2, 1)).eval()
+    x = torch.randn(2, 3, 10)
+    with torch.no_grad():  # the old hook's weight is a non-leaf until recomputed without
+        model(x)  # autograd, and torch refuses to deepcopy that (prepare() copies the model)
+    q = lowbit.quantize(model, "w8a8", data=[x])
+    assert expected in lowbit.prepared_info(q).kept_float["0"]
+    assert not isinstance(q[0], lowbit.nn.QModule) and isinstance(q[2], lowbit.nn.QModule)
+    with torch.no_grad():
+        assert lowbit.sqnr_db(model(x), q(x)) >= 30.0
+
+
+def test_parametrized_linear_names_its_parametrization() -> None:
+    class Symmetric(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w.triu() + w.triu(1).t()
+
+    layer = parametrize.register_parametrization(nn.Linear(3, 3), "weight", Symmetric())
+    assert "its weight is parametrized (Symmetric" in (unswappable_reason(layer) or "")
+
+
+def test_a_forward_pre_hook_that_rewrites_the_weight_keeps_the_layer_float() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
+
+    def halve(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        module.weight.data.mul_(0.5)
+
+    model[0].register_forward_pre_hook(halve)
+    x = torch.randn(1, 2, 6, 6)
+    q = lowbit.quantize(model, "w8a16")
+    reason = lowbit.prepared_info(q).kept_float["0"]
+    assert "a forward pre-hook (" in reason and "halve" in reason
+    assert "remove the hook before prepare()" in reason
+    assert isinstance(q[2], QConv2d) and len(q[0]._forward_pre_hooks) == 1
+    assert q(x).shape == (1, 4, 4, 4)
