@@ -374,6 +374,11 @@ class _BoundedLoader(yaml.SafeLoader):
         super().__init__(stream)
         self.depth = 0
 
+    def fetch_flow_collection_start(self, token_class: Any) -> None:
+        if self.flow_level >= YAML_MAX_DEPTH:  # in the scanner, before it reads far ahead
+            raise RecipeError(f"YAML nested deeper than {YAML_MAX_DEPTH} levels{_PLAIN}")
+        super().fetch_flow_collection_start(token_class)
+
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         self.depth += 1
         try:
