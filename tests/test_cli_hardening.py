@@ -223,6 +223,7 @@ def test_app_dir_points_at_another_folder(
         sys.modules.pop("projmodel_h4", None)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds; the test above is in-process
 def test_sympy_in_the_working_folder_is_not_run(tmp_path: Path) -> None:
     """The real case, in a fresh interpreter: torch imports sympy while quantizing."""
     (tmp_path / "sympy.py").write_text(
