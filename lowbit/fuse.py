@@ -210,6 +210,47 @@ def _sequential_candidates(model: nn.Module) -> dict[str, FoldPair]:
     return found
 
 
+def _submodule_candidates(model: nn.Module) -> dict[str, FoldPair | str]:
+    """For a model torch.fx cannot trace as a whole: each batch norm's pair found by tracing
+    its closest ancestor that does trace (a conv/bn/activation block of a transformers ResNet,
+    say), else by its place in a plain nn.Sequential.
+
+    Tracing a part is as safe as tracing the whole: a layer whose output leaves the traced part
+    feeds the part's output node, which counts as another user, so it is not folded.
+    """
+    by_bn = _sequential_candidates(model)
+    traced: dict[str, tuple[fx.Graph, Counter[str]] | None] = {}
+    found: dict[str, FoldPair | str] = {}
+    for bn_name in _norm_names(model):
+        if bn_name in by_bn:
+            found[bn_name] = by_bn[bn_name]
+            continue
+        found[bn_name] = _NOT_IN_SEQUENTIAL
+        parts = bn_name.split(".")
+        for depth in range(len(parts) - 1, 0, -1):
+            owner = ".".join(parts[:depth])
+            if owner not in traced:
+                try:
+                    sub = model.get_submodule(owner)
+                    graph = _FoldTracer().trace(sub)
+                except Exception:  # noqa: BLE001  # this ancestor does not trace: try its parent
+                    traced[owner] = None
+                else:
+                    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
+                    traced[owner] = (graph, calls)
+            entry = traced[owner]
+            if entry is None:
+                continue
+            local = _traced_candidate(model.get_submodule(owner), *entry, ".".join(parts[depth:]))
+            found[bn_name] = (
+                FoldPair(layer=f"{owner}.{local.layer}", bn=bn_name)
+                if isinstance(local, FoldPair)
+                else local
+            )
+            break
+    return found
+
+
 def find_foldable(model: nn.Module) -> tuple[list[FoldPair], list[str]]:
     """Find the (conv/linear, batch norm) pairs of ``model`` that can be folded.
 
@@ -237,14 +278,12 @@ def find_foldable(model: nn.Module) -> tuple[list[FoldPair], list[str]]:
     except Exception as exc:  # any failure of tracing means: fall back, never crash
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         notes.append(
-            f"torch.fx could not trace {type(model).__name__} ({reason}); folded only batch "
-            "norms that directly follow a conv/linear inside nn.Sequential containers"
+            f"torch.fx could not trace {type(model).__name__} ({reason}); folded batch norms "
+            "found by tracing the smallest enclosing submodule that traces, and those that "
+            "directly follow a conv/linear inside nn.Sequential containers"
         )
-        logger.warning(notes[-1])
-        by_bn = _sequential_candidates(model)
-        candidates: dict[str, FoldPair | str] = {
-            name: by_bn.get(name, _NOT_IN_SEQUENTIAL) for name in _norm_names(model)
-        }
+        logger.info(notes[-1])
+        candidates = _submodule_candidates(model)
     else:
         calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
         candidates = {

@@ -368,3 +368,45 @@ def test_running_variance_near_eps_folds_finite_and_accurate(kind: str, var: flo
         got = model(x)
     assert torch.isfinite(got).all()
     assert sqnr_db(expected, got) >= MIN_SQNR_DB
+
+
+class _ConvBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.norm = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(self.conv(x)))
+
+
+class _Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace the whole model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _ConvBlock()
+        self.leak = nn.Conv2d(8, 8, 1)
+        self.leak_norm = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        if y.sum() > 0:
+            y = y * 2
+        return self.leak_norm(self.leak(y))
+
+
+def test_untraceable_model_folds_inside_blocks_that_trace() -> None:
+    model = _Untraceable().eval()
+    for bn in (model.block.norm, model.leak_norm):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 10, 10)
+    expected = model(x)
+    pairs, notes = find_foldable(model)
+    assert pairs == [FoldPair(layer="block.conv", bn="block.norm")]
+    assert any("could not trace" in n for n in notes)
+    assert any("'leak_norm' not folded" in n for n in notes)
+    fold_batchnorm(model, pairs)
+    assert isinstance(model.block.norm, nn.Identity)
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
