@@ -259,7 +259,9 @@ def test_quantizes_every_layer_and_runs_close_to_float(
     assert quantized == case.linears  # every Linear holds integers, none was left in float
     assert convs == case.convs  # the patch embedding too
     assert not [n for n in lowbit.prepared_info(q).notes if "kept in float" in n]
-    assert len(lowbit.quantized_layers(q)) == case.linears + case.convs
+    embeddings = [m for m in q.modules() if isinstance(m, nn.Embedding)]
+    assert all(isinstance(m.weight, QTensor) for m in embeddings)  # weight-only, every one
+    assert len(lowbit.quantized_layers(q)) == case.linears + case.convs + len(embeddings)
 
     ref, out = _run(case.model, case.inputs), _run(q, case.inputs)
     for key in case.outputs:

@@ -68,10 +68,12 @@ def find_ties(model: nn.Module, state: Mapping[str, Any]) -> dict[str, str]:
         weight = getattr(layer, "weight", None) if isinstance(layer, QModule) else None
         if isinstance(weight, QTensor) and not any(_under(name, a) for a in ties):
             key = _prefix(name) + "weight"
-            if id(weight) in first:
-                ties[key] = first[id(weight)]
+            # by its scale: a kernel that re-packs a shared QTensor (the int4 one) gives its
+            # layer a new QTensor of the same values, holding the same scale object
+            if id(weight.scale) in first:
+                ties[key] = first[id(weight.scale)]
             else:
-                first[id(weight)] = key
+                first[id(weight.scale)] = key
     seen: dict[int, str] = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor) or any(_under(key, a) for a in ties):
