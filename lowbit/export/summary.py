@@ -1,14 +1,21 @@
-"""What a ``.lowbit`` file holds, layer by layer, read from its header alone (no tensor data)."""
+"""What a ``.lowbit`` file holds, layer by layer, read from its header alone (no tensor data).
+
+Names and other text from the file are printed as plain text: control characters (terminal
+escape sequences) are shown escaped and rich markup (``[bold]``...) is printed as written.
+A weight stored once for several layers (tied) counts once in the totals.
+"""
 
 from __future__ import annotations
 
 import io
 import math
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lowbit.export.header import Header, LayerInfo, read_header
@@ -18,6 +25,7 @@ from lowbit.spec import QuantSpec, SpecError
 __all__ = [
     "LayerRow",
     "FileSummary",
+    "plain",
     "inspect",
     "summarize",
     "inspect_table",
@@ -72,6 +80,23 @@ class FileSummary:
     def ratio(self) -> float:
         """How many times smaller the file is than float32 (``fp32_bytes / file_bytes``)."""
         return self.fp32_bytes / self.file_bytes if self.file_bytes else math.inf
+
+
+def plain(text: str) -> str:
+    r"""``text`` safe to print in a rich table: control and format characters (escape
+    sequences, bidi overrides) written as ``\xNN`` / ``\uNNNN``, rich markup escaped.
+
+    >>> print(plain("fc1\x1b[2J[bold]x"))
+    fc1\x1b[2J\[bold]x
+    """
+    out = []
+    for char in text:
+        if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return escape("".join(out))
 
 
 def _layer_keys(name: str) -> list[str]:
@@ -134,7 +159,12 @@ def summarize(path: str | Path) -> FileSummary:
         for key, entry in header.tensors.items()
         if key not in owned
     )
-    fp32 = sum(row.fp32_bytes for row in rows) + leftovers
+    tied = sum(  # a weight stored once for several layers counts once
+        4 * math.prod(row.weight_shape)
+        for row in rows
+        if f"{row.name}.weight" in header.ties or row.name in header.ties
+    )
+    fp32 = sum(row.fp32_bytes for row in rows) - tied + leftovers
     return FileSummary(header.path, rows, header.file_size, fp32)
 
 
@@ -170,7 +200,7 @@ def inspect_table(path: str | Path) -> Table:
     1
     """
     summary = summarize(path)
-    table = Table(title=f"{summary.path.name}", show_footer=True)
+    table = Table(title=plain(summary.path.name), show_footer=True)
     table.add_column("layer", footer="total (file)")
     table.add_column("kind")
     table.add_column("dtype")
@@ -184,16 +214,16 @@ def inspect_table(path: str | Path) -> Table:
     for row in summary.rows:
         ratio = row.fp32_bytes / row.bytes if row.bytes else math.inf
         table.add_row(
-            row.name,
-            row.kind,
-            row.dtype,
+            plain(row.name),
+            plain(row.kind),
+            plain(row.dtype),
             str(row.bits),
-            row.granularity,
+            plain(row.granularity),
             "x".join(map(str, row.weight_shape)),
             _kib(row.bytes),
             _kib(row.fp32_bytes),
             f"{ratio:.2f}x",
-            row.kernel,
+            plain(row.kernel),
         )
     return table
 
