@@ -18,6 +18,7 @@ from lowbit.fuse import FoldPair, find_foldable, fold_batchnorm
 from lowbit.nn import (
     QMODULES,
     QModule,
+    QParent,
     QTensor,
     Quantizer,
     disable_fused_path,
@@ -145,7 +146,16 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
         info.folds = fold_batchnorm(model, pairs)
         for note in info.notes:
             logger.info("batch-norm folding: %s", note)
-    kept_float = {**unswappable_layers(model), **kept_float_by_parent(model)}
+    unswappable = unswappable_layers(model)
+
+    def swapped(name: str, parent: nn.Module) -> bool:  # a twin calls its children
+        return (
+            qmodule_class(parent) is not None
+            and name not in unswappable
+            and recipe.config_for(name) is not None
+        )
+
+    kept_float = {**unswappable, **kept_float_by_parent(model, swapped)}
     candidates = [
         (n, m)
         for n, m in model.named_modules()
@@ -174,6 +184,8 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
             info.kept_float[name] = held or _why_float(recipe, name, qcls.kind)
             continue
         qmod = qcls.from_float(module, config.weight, config.input, name)
+        if isinstance(qmod, QParent):  # e.g. an LSTM's static input spec made dynamic
+            info.notes += qmod.notes
         for alias in names:  # the same quantized object wherever the float one was
             model.set_submodule(alias, qmod)
             placed.add(alias)

@@ -40,9 +40,9 @@ def test_encoder_layers_quantize_and_really_run_quantized(
     q = lowbit.quantize(model, recipe, data=calib)
     names = set(lowbit.quantized_layers(q))
     assert {"encoder.layers.0.linear1", "encoder.layers.1.linear2", "head"} <= names
-    assert not any("out_proj" in n for n in names)  # attention reads it directly: stays float
-    notes = " ".join(lowbit.prepared_info(q).notes)
-    assert "encoder.layers.0.self_attn.out_proj: kept in float" in notes
+    # the attention's twin runs its projections as quantized layers
+    assert {"encoder.layers.0.self_attn.q_proj", "encoder.layers.1.self_attn.out_proj"} <= names
+    assert lowbit.prepared_info(q).kept_float == {}
     with torch.no_grad():  # eval + no_grad is where torch's fused path would skip our layers
         out, ref = q(x), model(x)
     assert lowbit.sqnr_db(ref, out) >= min_db
@@ -70,7 +70,7 @@ def test_encoder_round_trip_through_a_file(
         assert torch.equal(back(x), q(x))
 
 
-def test_attention_only_model_says_nothing_is_quantizable() -> None:
+def test_attention_only_model_quantizes_its_projections() -> None:
     class AttentionOnly(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -79,5 +79,10 @@ def test_attention_only_model_says_nothing_is_quantizable() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.attn(x, x, x)[0]
 
-    with pytest.raises(TypeError, match="no layer lowbit can quantize.*out_proj: kept in float"):
-        lowbit.prepare(AttentionOnly(), "w8a16")
+    q = lowbit.prepare(AttentionOnly(), "w8a16")
+    assert set(lowbit.quantized_layers(q)) == {
+        "attn.q_proj",
+        "attn.k_proj",
+        "attn.v_proj",
+        "attn.out_proj",
+    }

@@ -1,5 +1,6 @@
 """Quantized modules, registered per float class."""
 
+from lowbit.nn.attention import QMultiheadAttention
 from lowbit.nn.containers import (
     FLOAT_CHILDREN,
     FUSED_PATHS,
@@ -30,8 +31,10 @@ from lowbit.nn.module import (
     register_lazy_qmodule,
     register_qmodule,
 )
+from lowbit.nn.parent import QParent
 from lowbit.nn.qtensor import LAYOUTS, Layout, QTensor, register_layout
 from lowbit.nn.quantizer import Quantizer
+from lowbit.nn.rnn import QGRU, QLSTM, QRNN, QGRUCell, QLSTMCell, QRNNCell
 from lowbit.nn.swap import unswappable_layers, unswappable_reason
 
 __all__ = [
@@ -60,6 +63,14 @@ __all__ = [
     "QEmbedding",
     "QHFConv1DBase",
     "QLinear",
+    "QGRU",
+    "QGRUCell",
+    "QLSTM",
+    "QLSTMCell",
+    "QMultiheadAttention",
+    "QParent",
+    "QRNN",
+    "QRNNCell",
     "QMODULES",
     "QModule",
     "Quantizer",

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lowbit.nn.kernels import Kernel, KernelChoice, LayerView, choose_kernel
+from lowbit.nn.parent import QParent
 from lowbit.nn.qtensor import QTensor
 from lowbit.nn.quantizer import Quantizer
 from lowbit.nn.state import read_bias, read_weight, write_qtensor
@@ -35,13 +36,13 @@ __all__ = [
     "LAZY_QMODULES",
 ]
 
-QMODULES: dict[type[nn.Module], type[QModule]] = {}
+QMODULES: dict[type[nn.Module], type[QModule] | type[QParent]] = {}
 QMODULE_KINDS: dict[str, type[QModule]] = {}
 # (module, qualified name) of a float class in a package lowbit does not import -> a function
 # building its quantized class; resolved by identity on first sight (see qmodule_class)
 Builder = Callable[[type[nn.Module]], "type[QModule]"]
 LAZY_QMODULES: dict[tuple[str, str], Builder] = {}
-T = TypeVar("T", bound="type[QModule]")
+T = TypeVar("T", bound="type[QModule] | type[QParent]")
 
 
 def register_qmodule(float_cls: type[nn.Module]) -> Callable[[T], T]:
@@ -54,7 +55,8 @@ def register_qmodule(float_cls: type[nn.Module]) -> Callable[[T], T]:
 
     def decorator(qcls: T) -> T:
         QMODULES[float_cls] = qcls
-        QMODULE_KINDS[qcls.kind] = qcls
+        if issubclass(qcls, QModule):  # a QParent is no layer of a file: its children are
+            QMODULE_KINDS[qcls.kind] = qcls
         return qcls
 
     return decorator
@@ -91,7 +93,7 @@ def _lazy_twin(cls: type) -> type[QModule] | None:
     return qcls
 
 
-def qmodule_class(module: nn.Module) -> type[QModule] | None:
+def qmodule_class(module: nn.Module) -> type[QModule] | type[QParent] | None:
     """The quantized class for ``module`` (by its type, then its bases), or None.
 
     >>> qmodule_class(torch.nn.Conv2d(1, 1, 1)).__name__
@@ -99,7 +101,7 @@ def qmodule_class(module: nn.Module) -> type[QModule] | None:
     >>> qmodule_class(torch.nn.ReLU()) is None
     True
     """
-    if isinstance(module, QModule):
+    if isinstance(module, (QModule, QParent)):
         return None
     for cls in type(module).__mro__:
         if cls in QMODULES:

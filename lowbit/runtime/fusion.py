@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.nn import QModule
+from lowbit.nn import QModule, QParent
 from lowbit.runtime.activation import scalar_qparams
 from lowbit.runtime.conv import OneDNNInt8Conv
 from lowbit.runtime.fused import IntLayer, QuantizeU8, describe
@@ -52,7 +52,8 @@ class _Tracer(fx.Tracer):
     """Treats lowbit's quantized layers as leaves (the default stops at torch.nn modules)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, QModule) or super().is_leaf_module(m, module_qualified_name)
+        leaf = isinstance(m, (QModule, QParent))  # a QParent (LSTM, attention) runs as a whole
+        return leaf or super().is_leaf_module(m, module_qualified_name)
 
 
 @dataclass
