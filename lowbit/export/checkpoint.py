@@ -35,6 +35,7 @@ from lowbit.export.header import (
     LayerInfo,
     read_header,
 )
+from lowbit.export.hf import HFError, build_from_source, model_source
 from lowbit.export.rebuild import rebuild
 from lowbit.export.ties import drop_aliases, find_ties
 from lowbit.nn import QModule, QTensor
@@ -168,6 +169,9 @@ def save(model: nn.Module, path: str | Path) -> Path:
         "kept_float": dict(info.kept_float),
         "ties": ties,
     }
+    source = model_source(model)  # a transformers model: load(path) rebuilds it alone
+    if source is not None:
+        header["model"] = source
     try:
         header["checksum"] = {"algorithm": "sha256", "value": file_checksum(header, tensors)}
         text = json.dumps(header, sort_keys=True, allow_nan=False)
@@ -246,12 +250,14 @@ def _read_tensors(header: Header, f: io.BufferedReader) -> dict[str, torch.Tenso
 _RESAVE_HINT = "re-save it with lowbit.save(model, path)"
 
 
-def load(path: str | Path, model: nn.Module) -> nn.Module:
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the quantized model saved in ``path`` on a copy of the float ``model``.
 
     ``model`` is a float model of the same architecture (untrained weights are fine); it is
-    not modified. The file is checked (header, bounds, format version, sha256) before use,
-    read through one open file (a concurrent re-save is never half read), and weights stored
+    not modified. A file saved from a transformers model needs none: it stores the model's
+    class and config, and transformers builds the architecture (no remote code, parameters
+    on the meta device until the file fills them). The file is checked (header, bounds,
+    format version, sha256) before use, read through one open file (a concurrent re-save is never half read), and weights stored
     once for several layers come back tied. The model comes back in eval mode, ready for
     inference (dropout off, batch norms frozen).
 
@@ -278,10 +284,24 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
     with f:
         header = read_header(path, f)
         tensors = _read_tensors(header, f)  # checksum verified before anything is built
+    if model is None:
+        model = _model_from_header(header)
     loaded = rebuild(header, tensors, model).eval()
     del tensors
     release_free_memory()  # the read buffers, not kept by the heap
     return loaded
+
+
+def _model_from_header(header: Header) -> nn.Module:
+    if header.model is None:
+        raise CheckpointError(
+            f"{str(header.path)!r} does not say how to build its model (only transformers "
+            "models do); pass the float model: lowbit.load(path, MyModel())"
+        )
+    try:
+        return build_from_source(header.model, where=repr(str(header.path)))
+    except HFError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def theoretical_size(model: nn.Module) -> int:

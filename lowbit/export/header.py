@@ -51,7 +51,7 @@ _MAX_ITEMS = 1 << 20  # layers, folds, ties, float layers: far above any real mo
 _MAX_RULES = 1 << 14  # recipe rules: each is matched against every layer name
 _WEIGHT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
 _TOP_KEYS = {"format", "format_version", "lowbit_version", "recipe", "folds", "layers", "checksum"}
-_OPTIONAL_KEYS = {"kept_float", "ties"}
+_OPTIONAL_KEYS = {"kept_float", "ties", "model"}
 _LAYER_KEYS = {"name", "kind", "weight_shape", "weight_dtype", "weight_spec", "input", "qbias"}
 _ITEMSIZE = {
     "BOOL": 1,
@@ -139,6 +139,8 @@ class Header:
     ``kept_float`` maps each layer the model kept in float to the reason; ``ties`` maps the
     state_dict prefix of a tied weight (``"lm_head.weight"``) to the one stored in the file
     (``"transformer.wte.weight"``): a tied weight is written once and tied again by load.
+    ``model`` describes a transformers model (class name and config, see
+    :mod:`lowbit.export.hf`) so ``load(path)`` can rebuild it without the user's code.
     """
 
     path: Path
@@ -153,6 +155,7 @@ class Header:
     checksum: str
     kept_float: dict[str, str] = field(default_factory=dict)
     ties: dict[str, str] = field(default_factory=dict)
+    model: dict[str, Any] | None = None  # how to rebuild the model without the user's code
     meta: dict[str, Any] = field(default_factory=dict, repr=False)  # the raw lowbit JSON
 
 
@@ -409,6 +412,17 @@ def _ties(value: Any, tensors: dict[str, TensorEntry]) -> dict[str, str]:
     return ties
 
 
+def _model(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    source = fields.mapping(value, "model", {"library", "architecture", "version", "config"})
+    fields.text(source["library"], "model.library", 64)
+    fields.text(source["architecture"], "model.architecture", 200)
+    fields.text(source["version"], "model.version", 64)
+    fields.mapping(source["config"], "model.config")
+    return source
+
+
 def _checksum(value: Any) -> str:
     digest = fields.mapping(value, "checksum", {"algorithm", "value"})
     if digest["algorithm"] != "sha256":
@@ -441,6 +455,7 @@ def _header(
         checksum=_checksum(data["checksum"]),
         kept_float=fields.text_map(data.get("kept_float", {}), "kept_float", _MAX_ITEMS),
         ties=_ties(data.get("ties", {}), tensors),
+        model=_model(data.get("model")),
         meta=data,
     )
 
