@@ -257,9 +257,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     not modified. A file saved from a transformers model needs none: it stores the model's
     class and config, and transformers builds the architecture (no remote code, parameters
     on the meta device until the file fills them). The file is checked (header, bounds,
-    format version, sha256) before use, read through one open file (a concurrent re-save is never half read), and weights stored
-    once for several layers come back tied. The model comes back in eval mode, ready for
-    inference (dropout off, batch norms frozen).
+    format version, sha256) before use, read through one open file (a concurrent re-save is
+    never half read), and weights stored once for several layers come back tied. The model
+    comes back in eval mode, ready for inference (dropout off, batch norms frozen).
 
     >>> import tempfile, torch
     >>> from lowbit.api import quantize
