@@ -1,7 +1,8 @@
 """`lowbit ...`: a thin command line over the API.
 
-lowbit quantize --model MOD:FACTORY [--weights CKPT] --data MOD:CALLABLE --recipe R --out FILE
-lowbit eval --model MOD:FACTORY --quantized FILE --data MOD:CALLABLE [--backend auto]
+lowbit quantize --model MOD:FACTORY|hf:DIR [--weights CKPT] [--data MOD:CALLABLE] --recipe R
+                --out FILE
+lowbit eval --model MOD:FACTORY|hf:DIR [--weights CKPT] --quantized FILE --data MOD:CALLABLE
 lowbit export FILE --model MOD:FACTORY --example SHAPE|MOD:CALLABLE --out model.onnx
 lowbit inspect FILE
 lowbit recipes
@@ -16,14 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 
 from lowbit.cli.inputs import (
     UsageError,
@@ -64,37 +64,36 @@ def _cmd_quantize(args: argparse.Namespace, console: Console) -> None:
     )
 
 
-def _top1(model: nn.Module, data: Iterable[Any]) -> tuple[float, int]:
-    correct = total = 0
-    with torch.no_grad():
-        for batch in data:
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise UsageError("eval needs (inputs, labels) batches from --data")
-            logits = model(batch[0])
-            correct += int((logits.argmax(dim=1) == batch[1]).sum())
-            total += int(batch[1].numel())
-    if total == 0:
-        raise UsageError("--data gave no batches")
-    return correct / total, total
-
-
 def _cmd_eval(args: argparse.Namespace, console: Console) -> None:
     from lowbit.export import load
+    from lowbit.report.evaluate import evaluate
     from lowbit.runtime import compile, kernel_report
 
-    model = build_model(args.model, None, args.app_dir)
-    qmodel = load(args.quantized, model)  # in eval mode
+    float_model = build_model(args.model, args.weights, args.app_dir)
+    qmodel = load(args.quantized, float_model)  # in eval mode; float_model is not changed
     data = build_data(args.data, args.app_dir)
-    example = data[0][0] if data and isinstance(data[0], (tuple, list)) else None
+    if not data:
+        raise UsageError("--data gave no batches")
+    first = data[0]
+    example = first[0] if isinstance(first, (tuple, list)) else first
     runnable = compile(qmodel, args.backend, example_inputs=example)
-    start = time.perf_counter()
-    acc, total = _top1(runnable, data)
-    seconds = time.perf_counter() - start
+    trained = args.weights is not None or args.model.startswith("hf:")
+    result = evaluate(runnable, data, reference=float_model if trained else None)
     report = kernel_report(runnable)
-    console.print(
-        f"top-1 accuracy: {100 * acc:.2f}% on {total} examples in {seconds:.2f} s "
-        f"({report.backend} backend)"
-    )
+    parts = [f"{result.examples} examples in {result.seconds:.2f} s ({report.backend} backend)"]
+    if result.top1 is not None:
+        ref = result.reference_top1
+        parts.append(
+            f"top-1 accuracy: {100 * result.top1:.2f}%"
+            + (f" (float {100 * ref:.2f}%)" if ref is not None else "")
+        )
+    if result.sqnr_db is not None and result.cosine is not None:
+        parts.append(
+            f"output SQNR {result.sqnr_db:.1f} dB, cosine {result.cosine:.4f} against float"
+        )
+    elif not trained:
+        parts.append("give --weights (or --model hf:DIR) to compare outputs against float")
+    console.print("; ".join(parts))
 
 
 def _example_inputs(spec: str, app_dir: str = ".") -> Any:
@@ -174,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and write a packed .lowbit file")
-    q.add_argument("--model", required=True, help="MOD:FACTORY returning an nn.Module")
+    q.add_argument(
+        "--model",
+        required=True,
+        help="MOD:FACTORY returning an nn.Module, or hf:DIR (a save_pretrained folder)",
+    )
     q.add_argument("--weights", help="float state dict (.safetensors or torch file)")
     q.add_argument("--data", help="MOD:CALLABLE returning calibration batches")
     q.add_argument("--recipe", default="w8a8", help="shipped name or YAML path")
@@ -183,10 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     _app_dir_option(q)
     q.set_defaults(run=_cmd_quantize)
 
-    e = sub.add_parser("eval", help="top-1 accuracy of a .lowbit file on (inputs, labels)")
-    e.add_argument("--model", required=True, help="MOD:FACTORY of the float architecture")
+    e = sub.add_parser(
+        "eval", help="a .lowbit file on real batches: output SQNR/cosine against float, top-1"
+    )
+    e.add_argument(
+        "--model", required=True, help="MOD:FACTORY of the float architecture, or hf:DIR"
+    )
+    e.add_argument("--weights", help="the float model's state dict (to compare against float)")
     e.add_argument("--quantized", required=True, help=".lowbit file")
-    e.add_argument("--data", required=True, help="MOD:CALLABLE returning (inputs, labels)")
+    e.add_argument(
+        "--data",
+        required=True,
+        help="MOD:CALLABLE returning batches: tensors, (inputs, labels) or dicts of inputs",
+    )
     e.add_argument(
         "--backend",
         default="auto",

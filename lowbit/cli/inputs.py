@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.export.hf import HF_PREFIX, HFError, load_pretrained
+
 __all__ = [
     "UsageError",
     "import_object",
@@ -192,6 +194,17 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def build_model(factory: str, weights: str | None, app_dir: str = ".") -> nn.Module:
+    """The float model ``--model`` names: ``MOD:FACTORY`` (with ``--weights``, a state dict
+    file) or ``hf:DIR``, a transformers checkpoint folder from ``save_pretrained``."""
+    if factory.startswith(HF_PREFIX):
+        if weights:
+            raise UsageError(
+                f"--model {factory!r} brings its own weights; drop --weights (or give MOD:FACTORY)"
+            )
+        try:
+            return load_pretrained(factory[len(HF_PREFIX) :])
+        except HFError as err:
+            raise UsageError(str(err)) from None
     make = import_object(factory, app_dir)
     try:
         model = make() if callable(make) and not isinstance(make, nn.Module) else make
