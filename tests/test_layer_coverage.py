@@ -172,3 +172,29 @@ def test_importing_lowbit_does_not_import_transformers() -> None:
     code = "import sys, lowbit; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w8a8", "w8a16", "w4a8"])
+def test_conv1d_runs_on_the_kernels_a_linear_gets(recipe: str) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(48, 64)  # nf, nx: y = x @ W + b, W (64, 48)
+    linear = nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    x = torch.randn(3, 5, 64)
+    q_conv = lowbit.quantize(nn.Sequential(conv), recipe, data=[x])[0]
+    q_linear = lowbit.quantize(nn.Sequential(linear), recipe, data=[x])[0]
+    assert q_conv.kernel_name == q_linear.kernel_name  # whatever this machine runs a Linear on
+    with torch.no_grad():
+        fast = q_conv(x)
+        assert torch.equal(fast, q_linear(x))  # the same integers, the same kernel
+        q_conv.set_kernel("reference")
+        assert lowbit.sqnr_db(q_conv(x), fast) >= 35.0
+    assert q_conv.weight.shape == (64, 48)
+    if q_linear.kernel_name == "int8-weight-only":  # the kernel reads the layer's integers
+        q_conv.set_kernel(None)
+        kernel = q_conv.kernel_for(torch.float32)
+        assert kernel.ints.data_ptr() == q_conv.weight.qdata.data_ptr()

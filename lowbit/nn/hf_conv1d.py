@@ -4,7 +4,10 @@ Its weight is ``(in, out)``, the transpose of a Linear's, and model code expects
 so the frozen weight keeps it: the recipe's ``per_channel`` (one scale per output channel,
 axis 0 of a Linear weight) is axis 1 here. ``per_group`` groups consecutive values of each
 stored row, here outputs of one input: a valid grid of the same size, though not the
-input-wise grouping of a Linear. The reference kernel runs it.
+input-wise grouping of a Linear. Per-tensor and per-channel layers run on the Linear
+kernels of :mod:`lowbit.runtime.linear`, which read them through :func:`as_linear_view` and
+:meth:`QHFConv1DBase.linear_weight` (the same integers seen as ``(out, in)``, no copy: the
+frozen integers are kept in ``(out, in)`` memory order behind their ``(in, out)`` shape).
 
 transformers is slow to import, so lowbit never imports it: the twin is built and registered
 the first time :func:`~lowbit.nn.module.qmodule_class` meets the very class
@@ -19,13 +22,37 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.nn.kernels import ReferenceKernel, register_kernel
+from lowbit.nn.kernels import LayerView, ReferenceKernel, register_kernel
 from lowbit.nn.module import QModule, register_lazy_qmodule
-from lowbit.spec import PerChannel, QuantSpec
+from lowbit.nn.qtensor import QTensor
+from lowbit.spec import Granularity, PerChannel, QuantSpec
 
-__all__ = ["QHFConv1DBase", "conv1d_twin", "KIND"]
+__all__ = ["QHFConv1DBase", "conv1d_twin", "as_linear_view", "KIND"]
 
 KIND = "hf_conv1d"
+
+
+def _linear_gran(gran: Granularity) -> Granularity:
+    """The granularity of the transposed weight: per channel along axis 1 -> axis 0."""
+    if isinstance(gran, PerChannel) and gran.axis in (1, -1):
+        return PerChannel(0)
+    return gran
+
+
+def as_linear_view(view: LayerView) -> LayerView:
+    """A Conv1D layer's view as the ``(out, in)`` Linear view the Linear kernels decide on
+    (a per-group weight keeps its grouping, which those kernels refuse).
+
+    >>> spec = QuantSpec("int8", "per_channel:1")
+    >>> v = as_linear_view(LayerView(KIND, "c_attn", spec, None, (64, 192)))
+    >>> v.kind, v.weight_shape, v.weight_spec.gran
+    ('linear', (192, 64), PerChannel(axis=0, kind='per_channel'))
+    """
+    spec = view.weight_spec
+    if spec is not None:
+        spec = dataclasses.replace(spec, granularity=_linear_gran(spec.gran))
+    shape = tuple(reversed(view.weight_shape))
+    return dataclasses.replace(view, kind="linear", weight_spec=spec, weight_shape=shape)
 
 
 class QHFConv1DBase(QModule):
@@ -75,6 +102,33 @@ class QHFConv1DBase(QModule):
         rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
         out = rows @ weight if bias is None else torch.addmm(bias, rows, weight)  # (tokens, out)
         return out.view(*x.shape[:-1], self.nf)
+
+    def linear_weight(self) -> QTensor:
+        """The frozen weight as the ``(out, in)`` QTensor of the equivalent Linear: the same
+        integers (a view of them when stored one per byte), scales and zero points."""
+        w = self.weight
+        assert isinstance(w, QTensor) and w.spec is not None, f"{self.label} is not frozen"
+        spec = dataclasses.replace(w.spec, granularity=_linear_gran(w.granularity))
+        ints = w.int_repr().t().contiguous()  # (out, in): qdata itself for plain integers
+        shape = (self.nf, self.nx)
+        return QTensor(ints, w.scale, w.zero_point, w.qdtype, spec.gran, shape, w.dtype, spec=spec)
+
+    def _out_in_order(self) -> None:
+        """Keep plain integers in (out, in) memory order, so :meth:`linear_weight` is a view
+        that the Linear kernels take without a copy."""
+        w = self.weight
+        if not isinstance(w, QTensor) or w.layout_name != "plain" or w.qdata.ndim != 2:
+            return
+        if not w.qdata.t().is_contiguous():
+            self.weight = w.with_layout("plain", w.qdata.t().contiguous().t())  # (in, out) view
+
+    def freeze(self, *args: Any, **kwargs: Any) -> None:
+        super().freeze(*args, **kwargs)
+        self._out_in_order()
+
+    def _restore_frozen(self, state: dict[str, Any], prefix: str) -> None:
+        super()._restore_frozen(state, prefix)
+        self._out_in_order()
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim == 0 or x.shape[-1] != self.nx:

@@ -14,20 +14,32 @@ project runs on; the numbers are in benchmarks/results/):
   to bfloat16 and the result back. They are GEMV kernels, fast at small batches (weight
   traffic dominates); at large batches int8 weights are dequantized a tile of rows at a time
   into a bfloat16 GEMM, which never holds a float copy of the whole weight.
+
+transformers' ``Conv1D`` (GPT-2's Linear, weight ``(in, out)``) runs on the int8 kernels too,
+read as the ``(out, in)`` Linear it is (:class:`LinearForm`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
 from lowbit.nn import Kernel, LayerView, Layout, QModule, QTensor, register_kernel, register_layout
+from lowbit.nn.hf_conv1d import KIND as HF_CONV1D
+from lowbit.nn.hf_conv1d import QHFConv1DBase, as_linear_view
 from lowbit.runtime import inductor, ops, opscheck
 from lowbit.runtime.activation import ActivationGrid, LastInput, u8_problem
 from lowbit.spec import PerChannel, PerGroup, PerTensor, PerToken, QDtype, QuantSpec
 
-__all__ = ["OneDNNInt8Linear", "WeightOnlyInt8Linear", "WeightOnlyInt4Linear"]
+__all__ = [
+    "OneDNNInt8Linear",
+    "WeightOnlyInt8Linear",
+    "WeightOnlyInt4Linear",
+    "OneDNNInt8Conv1D",
+    "WeightOnlyInt8Conv1D",
+]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _SMALL_BATCH = 16  # rows up to which the weight-only GEMV kernels beat a tiled bf16 GEMM
@@ -328,3 +340,45 @@ class WeightOnlyInt4Linear(Kernel):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+class LinearForm:
+    """A transformers ``Conv1D`` layer (weight ``(in, out)``) seen as the ``(out, in)`` Linear
+    the kernels above read: its weight through ``linear_weight()``, the rest as it is."""
+
+    def __init__(self, layer: QHFConv1DBase) -> None:
+        self.weight = layer.linear_weight()
+        self.bias = layer.bias
+        self.input_quantizer = layer.input_quantizer
+        self.label = layer.label
+
+
+def _conv1d_layer(layer: QModule) -> QModule:
+    assert isinstance(layer, QHFConv1DBase), f"{layer.label} is not a Conv1D layer"
+    return cast(QModule, LinearForm(layer))
+
+
+@register_kernel(HF_CONV1D)
+class OneDNNInt8Conv1D(OneDNNInt8Linear):
+    """:class:`OneDNNInt8Linear` on a transformers Conv1D layer (GPT-2's Linear)."""
+
+    @classmethod
+    def unsupported(cls, view: LayerView, dtype: torch.dtype, device: torch.device) -> str | None:
+        return super().unsupported(as_linear_view(view), dtype, device)
+
+    def __init__(self, layer: QModule) -> None:
+        super().__init__(_conv1d_layer(layer))
+        self.layer = layer
+
+
+@register_kernel(HF_CONV1D)
+class WeightOnlyInt8Conv1D(WeightOnlyInt8Linear):
+    """:class:`WeightOnlyInt8Linear` on a transformers Conv1D layer (GPT-2's Linear)."""
+
+    @classmethod
+    def unsupported(cls, view: LayerView, dtype: torch.dtype, device: torch.device) -> str | None:
+        return super().unsupported(as_linear_view(view), dtype, device)
+
+    def __init__(self, layer: QModule) -> None:
+        super().__init__(_conv1d_layer(layer))
+        self.layer = layer
