@@ -253,3 +253,41 @@ def test_bad_inputs_say_what_to_pass() -> None:
     cell = lowbit.prepare(Seq(nn.GRUCell(6, 8)), HIGH).rnn
     with pytest.raises(ValueError, match="GRUCell: Expected input to be 1D or 2D, got 3D"):
         cell(torch.randn(1, 2, 6))
+
+
+def test_bfloat16_model_runs_in_bfloat16() -> None:
+    torch.manual_seed(0)
+    model = Tagger().eval().to(torch.bfloat16)
+    q = lowbit.quantize(model, "w8a8", data=[d.bfloat16() for d in _data(2)])
+    x = torch.randn(8, 10, 12).bfloat16()
+    with torch.no_grad():
+        out = q(x)
+        assert out.dtype == torch.bfloat16
+        assert sqnr(model(x).float(), out.float()) >= 30
+
+
+def test_prepared_twin_trains_through_its_children() -> None:
+    torch.manual_seed(0)
+    q = lowbit.prepare(Tagger(), "w8a8-dynamic").train()
+    q(torch.randn(2, 5, 12)).sum().backward()
+    assert q.lstm.ih_l0.weight.grad is not None and q.lstm.weight_hh_l1.grad is not None
+    assert float(q.lstm.ih_l0.weight.grad.abs().sum()) > 0
+
+
+def test_a_subclass_overriding_forward_stays_float() -> None:
+    class Scaled(nn.LSTM):
+        def forward(self, x: torch.Tensor, hx: object = None) -> object:
+            return super().forward(2 * x, hx)
+
+    q = lowbit.prepare(nn.Sequential(Seq(Scaled(4, 4)), nn.Linear(4, 4)), "w8a16")
+    assert type(q[0].rnn) is Scaled
+    assert "overrides LSTM.forward()" in lowbit.api.prepared_info(q).kept_float["0.rnn"]
+
+
+def test_compile_keeps_the_twins_whole_and_fuses_around_them() -> None:
+    torch.manual_seed(0)
+    q = lowbit.quantize(Tagger().eval(), "w8a8", data=_data(1))
+    compiled = lowbit.compile(q)
+    x = torch.randn(8, 10, 12)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), q(x))
