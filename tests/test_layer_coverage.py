@@ -198,3 +198,17 @@ def test_conv1d_runs_on_the_kernels_a_linear_gets(recipe: str) -> None:
         q_conv.set_kernel(None)
         kernel = q_conv.kernel_for(torch.float32)
         assert kernel.ints.data_ptr() == q_conv.weight.qdata.data_ptr()
+
+
+def test_weight_only_conv3d_runs_on_the_kernel_a_conv2d_gets() -> None:
+    torch.manual_seed(0)
+    vol, flat = nn.Conv3d(8, 8, 3), nn.Conv2d(8, 8, 3)
+    q_vol = lowbit.quantize(nn.Sequential(vol), "w8a16")[0]
+    q_flat = lowbit.quantize(nn.Sequential(flat), "w8a16")[0]
+    assert q_vol.kernel_name == q_flat.kernel_name  # bf16-dequant where this CPU has bf16
+    v = torch.randn(1, 8, 5, 6, 7)
+    with torch.no_grad():
+        fast = q_vol(v)
+        q_vol.set_kernel("reference")
+        assert lowbit.sqnr_db(q_vol(v), fast) >= 30.0
+        assert lowbit.sqnr_db(vol(v), fast) >= 30.0

@@ -1,4 +1,4 @@
-"""Integer kernels for converted Conv1d/Conv2d layers.
+"""Integer kernels for converted Conv1d/Conv2d layers (Conv3d: the weight-only one).
 
 - ``onednn-int8``: oneDNN's uint8 x int8 convolution (grouped and depthwise included) with
   per-channel weight scales and bias in its epilogue, on channels_last tensors; ReLU and the
@@ -137,7 +137,7 @@ class OneDNNInt8Conv(Kernel):
         return out.squeeze(0) if unbatched else out
 
 
-@register_kernel("conv1d", "conv2d")
+@register_kernel("conv1d", "conv2d", "conv3d")
 class BF16DequantConv(Kernel):
     """Weight-only conv: weight dequantized to bfloat16 per call, bfloat16 convolution."""
 
