@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 from lowbit.export import fields
 from lowbit.export.digest import Checksum, checksum
 from lowbit.export.fields import FieldError
+from lowbit.export.ties import prefixes
 from lowbit.nn import QMODULE_KINDS
 from lowbit.spec import QDtype, QuantSpec, SpecError
 
@@ -400,14 +401,16 @@ def _recipe(value: Any) -> dict[str, Any]:
 
 
 def _ties(value: Any, tensors: dict[str, TensorEntry]) -> dict[str, str]:
+    """Alias prefix -> stored prefix: the stored one holds tensors, the alias none."""
     ties = fields.text_map(value, "ties", _MAX_ITEMS)
+    held = {p for key in tensors for p in prefixes(key)} if ties else set()
     for alias, source in ties.items():
         where = f"ties[{fields.short(alias)}]"
-        if source in ties or alias == source:
-            raise FieldError(f"{where} points at another tie ({fields.short(source)})")
-        if source not in tensors and source + ".qdata" not in tensors:
-            raise FieldError(f"{where}: the file holds no tensor {fields.short(source)}")
-        if alias in tensors or any(key.startswith(alias + ".") for key in tensors):
+        if any(p in ties for p in [*prefixes(source), *prefixes(alias)[:-1]]):
+            raise FieldError(f"{where} points at or lies inside another tie")
+        if source not in held:
+            raise FieldError(f"{where}: the file holds no tensor under {fields.short(source)}")
+        if alias in held:
             raise FieldError(f"{where}: the file also holds {fields.short(alias)} itself")
     return ties
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from lowbit.nn import QModule, QTensor
 
-__all__ = ["find_ties", "drop_aliases", "expand_ties", "retie", "TieError"]
+__all__ = ["find_ties", "drop_aliases", "expand_ties", "retie", "prefixes", "TieError"]
 
 
 class TieError(ValueError):
@@ -30,8 +30,19 @@ def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
-def _under(key: str, prefix: str) -> bool:
-    return key == prefix or key.startswith(prefix + ".")
+def prefixes(key: str) -> list[str]:
+    """``key`` and every dotted prefix of it, shortest first.
+
+    >>> prefixes("a.b.c")
+    ['a', 'a.b', 'a.b.c']
+    """
+    parts = key.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _aliased(key: str, ties: Mapping[str, str]) -> bool:
+    """Whether ``key`` is an alias or lies under one (one lookup per dotted prefix)."""
+    return any(p in ties for p in prefixes(key))
 
 
 def _module_ties(model: nn.Module) -> dict[str, str]:
@@ -41,7 +52,7 @@ def _module_ties(model: nn.Module) -> dict[str, str]:
     for name, module in model.named_modules(remove_duplicate=False):
         if not name:
             continue
-        if any(_under(name, alias) for alias in ties):
+        if _aliased(name, ties):
             continue  # inside an aliased module: covered by its parent's tie
         if id(module) in first:
             ties[name] = first[id(module)]
@@ -66,7 +77,7 @@ def find_ties(model: nn.Module, state: Mapping[str, Any]) -> dict[str, str]:
     first: dict[int, str] = {}
     for name, layer in model.named_modules():
         weight = getattr(layer, "weight", None) if isinstance(layer, QModule) else None
-        if isinstance(weight, QTensor) and not any(_under(name, a) for a in ties):
+        if isinstance(weight, QTensor) and not _aliased(name, ties):
             key = _prefix(name) + "weight"
             # by its scale: a kernel that re-packs a shared QTensor (the int4 one) gives its
             # layer a new QTensor of the same values, holding the same scale object
@@ -76,7 +87,7 @@ def find_ties(model: nn.Module, state: Mapping[str, Any]) -> dict[str, str]:
                 first[id(weight.scale)] = key
     seen: dict[int, str] = {}
     for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or any(_under(key, a) for a in ties):
+        if not isinstance(value, torch.Tensor) or _aliased(key, ties):
             continue
         if id(value) in seen:
             ties[key] = seen[id(value)]
@@ -91,7 +102,7 @@ def drop_aliases(state: dict[str, Any], ties: Mapping[str, str]) -> dict[str, An
     >>> drop_aliases({"a.w": 1, "b.w": 1, "b.x": 2, "bb": 3}, {"b": "a"})
     {'a.w': 1, 'bb': 3}
     """
-    return {k: v for k, v in state.items() if not any(_under(k, a) for a in ties)}
+    return {k: v for k, v in state.items() if not _aliased(k, ties)}
 
 
 def expand_ties(tensors: dict[str, torch.Tensor], ties: Mapping[str, str]) -> dict[str, Any]:
@@ -103,10 +114,14 @@ def expand_ties(tensors: dict[str, torch.Tensor], ties: Mapping[str, str]) -> di
     ['a.w', 'b.w']
     """
     out: dict[str, Any] = dict(tensors)
+    by_prefix: dict[str, list[str]] = {}  # every dotted prefix -> the keys under it
+    for key in tensors:
+        for prefix in prefixes(key):
+            if prefix in ties.values():
+                by_prefix.setdefault(prefix, []).append(key)
     for alias, source in ties.items():
-        for key, value in tensors.items():
-            if _under(key, source):
-                out[alias + key[len(source) :]] = value
+        for key in by_prefix.get(source, []):
+            out[alias + key[len(source) :]] = tensors[key]
     return out
 
 
