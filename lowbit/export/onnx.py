@@ -27,7 +27,7 @@ from torch import nn
 import lowbit
 from lowbit.api import quantized_layers
 from lowbit.export.atomic import atomic_path
-from lowbit.nn import QModule, ReferenceKernel
+from lowbit.nn import Kernel, QModule, choose_kernel
 
 __all__ = ["OnnxExportError", "OnnxInputError", "OnnxNotInstalledError", "export_onnx"]
 
@@ -48,6 +48,13 @@ _TORCH_MAX_OPSET = 20  # torch's TorchScript exporter; later opsets are converte
 # form is standard ONNX (any runtime, opset 21); onnxruntime-only MatMulNBits is not.
 INT4_FORMAT_AUTO = "matmulnbits"
 _DOMAIN = "lowbit"  # of the placeholder nodes, lowbit::QLayer
+EXPORTED_KINDS = ("linear", "conv1d", "conv2d", "conv3d", "embedding", "hf_conv1d")
+
+
+def _simulation(layer: QModule) -> Kernel:
+    """The layer's reference kernel (each kind has its own: an embedding's looks rows up)."""
+    view = layer.view()
+    return choose_kernel(view, torch.float32, torch.device("cpu"), prefer="reference").kernel(layer)
 
 
 class OnnxExportError(ValueError):
@@ -101,12 +108,16 @@ class _LayerOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, key: str) -> torch.Tensor:
         with _untraced():
-            return ReferenceKernel(_CALLS[key].layer)(x)
+            return _simulation(_CALLS[key].layer)(x)
 
     @staticmethod
     def symbolic(g: Any, x: Any, key: str) -> Any:
         out = g.op(f"{_DOMAIN}::QLayer", x, key_s=key)
-        out.setType(x.type().with_sizes([None] * _CALLS[key].rank))  # dims stay dynamic
+        call = _CALLS[key]
+        if call.layer.kind == "embedding":  # int64 indices in, one float row per index out
+            out.setType(x.type().with_dtype(torch.float32).with_sizes([None] * (call.rank + 1)))
+        else:
+            out.setType(x.type().with_sizes([None] * call.rank))  # dims stay dynamic
         return out
 
 
@@ -169,7 +180,7 @@ def _converted_layers(model: nn.Module) -> dict[str, QModule]:
                 f"layer {name!r} is not converted (still fake-quantized or calibrating): call "
                 "lowbit.convert(model) after lowbit.calibrate, or use lowbit.quantize"
             )
-        if layer.kind not in ("linear", "conv1d", "conv2d"):
+        if layer.kind not in EXPORTED_KINDS:
             why = f"{layer.kind} layers have no ONNX export yet; keep them float with a rule"
             raise OnnxExportError(f"layer {name!r}: {why}")
     return layers

@@ -10,7 +10,8 @@ integer initializers (int4/uint4, int8/uint8, int16/uint16: the grid's width, wi
 zero points need it) feeding ``DequantizeLinear`` per tensor, per axis or blocked (per group),
 or ``com.microsoft::MatMulNBits`` for 4-bit Linear weights. The bias: ``DequantizeLinear`` of
 the int32 bias at ``s_w * s_x``, or float. A weight no ONNX integer type can hold at the opset
-is written as float, with a note (:attr:`Emitter.notes`).
+is written as float, with a note (:attr:`Emitter.notes`). An embedding is a ``Gather`` of its
+dequantized table; transformers' ``Conv1D`` a ``MatMul`` by its ``(in, out)`` weight.
 """
 
 from __future__ import annotations
@@ -405,7 +406,14 @@ def emit_layer(g: Emitter, layer: QModule, x: str, out: str, rank: int, int4_for
     x = quantize_input(g, layer, x, rank)
     if layer.kind == "linear":
         _linear(g, layer, x, out, int4_format)
-    elif layer.kind in ("conv1d", "conv2d"):
+    elif layer.kind in ("conv1d", "conv2d", "conv3d"):
         _conv(g, layer, x, out, rank)
+    elif layer.kind == "hf_conv1d":  # transformers' Conv1D: y = x @ W + b, W stored (in, out)
+        bias = bias_input(g, layer)
+        y = g.op("MatMul", [x, weight_input(g, layer, transpose=False)], None if bias else out)
+        if bias is not None:
+            g.op("Add", [y, bias], out)
+    elif layer.kind == "embedding":  # rows of the dequantized (rows, dim) table
+        g.op("Gather", [weight_input(g, layer, transpose=False), x], out, axis=0)
     else:
         raise ValueError(f"{layer.label}: {layer.kind} layers")
