@@ -26,9 +26,16 @@ from typing import Any, BinaryIO
 from lowbit.export import fields
 from lowbit.export.digest import Checksum, checksum
 from lowbit.export.fields import FieldError
-from lowbit.export.ties import prefixes
-from lowbit.nn import QMODULE_KINDS
-from lowbit.spec import QDtype, QuantSpec, SpecError
+from lowbit.export.meta import (
+    MAX_ITEMS,
+    LayerInfo,
+    checksum_value,
+    fold_pairs,
+    layer_infos,
+    model_source,
+    recipe_shape,
+    tie_map,
+)
 
 __all__ = [
     "CheckpointError",
@@ -47,13 +54,8 @@ FORMAT_VERSION = 3  # 3: the checksum covers the header; tied weights stored onc
 SUPPORTED_VERSIONS = frozenset({3})
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 _MAX_TENSOR_DIMS = 16
-_MAX_WEIGHT_DIMS = 8
-_MAX_ITEMS = 1 << 20  # layers, folds, ties, float layers: far above any real model
-_MAX_RULES = 1 << 14  # recipe rules: each is matched against every layer name
-_WEIGHT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
 _TOP_KEYS = {"format", "format_version", "lowbit_version", "recipe", "folds", "layers", "checksum"}
 _OPTIONAL_KEYS = {"kept_float", "ties", "model"}
-_LAYER_KEYS = {"name", "kind", "weight_shape", "weight_dtype", "weight_spec", "input", "qbias"}
 _ITEMSIZE = {
     "BOOL": 1,
     "U8": 1,
@@ -92,45 +94,6 @@ class TensorEntry:
     def nbytes(self) -> int:
         """Bytes the tensor takes on disk."""
         return self.end - self.begin
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """What the header says about one quantized layer (``weight_spec`` None: float weight).
-
-    ``kind`` is the quantized layer's registered kind (``"linear"``, ``"conv2d"``, ...) and
-    ``weight_dtype`` the float dtype the weight reads as (``"float32"``, ``"bfloat16"``, ...).
-    """
-
-    name: str
-    kind: str
-    weight_shape: tuple[int, ...]
-    weight_dtype: str
-    weight_spec: dict[str, Any] | None
-    input_spec: dict[str, Any] | None
-    qbias: bool
-
-    def to_json(self) -> dict[str, Any]:
-        """The header's JSON object for this layer."""
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "weight_shape": list(self.weight_shape),
-            "weight_dtype": self.weight_dtype,
-            "weight_spec": self.weight_spec,
-            "input": self.input_spec,
-            "qbias": self.qbias,
-        }
-
-    @property
-    def dtype(self) -> str:
-        """The weight dtype (``"int4"``, ...) or ``"float"`` for an unquantized weight."""
-        return str(self.weight_spec["dtype"]) if self.weight_spec else "float"
-
-    @property
-    def bits(self) -> int:
-        """Weight bits (32 for a float weight)."""
-        return QDtype.parse(self.dtype).bits if self.weight_spec else 32
 
 
 @dataclass(frozen=True)
@@ -330,112 +293,6 @@ def _lowbit_json(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _spec(value: Any, where: str) -> dict[str, Any] | None:
-    """A spec object validated by :class:`QuantSpec` and written back in canonical form."""
-    if value is None:
-        return None
-    fields.mapping(value, where)
-    try:
-        return QuantSpec.from_dict(value, where).to_dict()
-    except (SpecError, TypeError, ValueError, OverflowError) as err:
-        raise FieldError(str(err)[:300]) from None
-
-
-def _layer(item: Any, i: int) -> LayerInfo:
-    where = f"layers[{i}]"
-    item = fields.mapping(item, where, _LAYER_KEYS)
-    kind = fields.text(item["kind"], f"{where}.kind", 64)
-    if kind not in QMODULE_KINDS:
-        raise FieldError(
-            f"{where}.kind {fields.short(kind)} is not a layer kind this lowbit knows "
-            f"({', '.join(sorted(QMODULE_KINDS))}); a newer lowbit may read it"
-        )
-    dtype = fields.text(item["weight_dtype"], f"{where}.weight_dtype", 16)
-    if dtype not in _WEIGHT_DTYPES:
-        raise FieldError(
-            f"{where}.weight_dtype {fields.short(dtype)} is not one of {sorted(_WEIGHT_DTYPES)}"
-        )
-    return LayerInfo(
-        name=fields.text(item["name"], f"{where}.name"),
-        kind=kind,
-        weight_shape=fields.shape(item["weight_shape"], f"{where}.weight_shape", _MAX_WEIGHT_DIMS),
-        weight_dtype=dtype,
-        weight_spec=_spec(item["weight_spec"], f"{where}.weight_spec"),
-        input_spec=_spec(item["input"], f"{where}.input"),
-        qbias=fields.boolean(item["qbias"], f"{where}.qbias"),
-    )
-
-
-def _layers(data: dict[str, Any]) -> list[LayerInfo]:
-    layers = [
-        _layer(item, i) for i, item in enumerate(fields.array(data["layers"], "layers", _MAX_ITEMS))
-    ]
-    seen: set[str] = set()
-    for i, layer in enumerate(layers):
-        if layer.name in seen:
-            raise FieldError(f"layers[{i}].name {fields.short(layer.name)} appears twice")
-        seen.add(layer.name)
-    return layers
-
-
-def _folds(value: Any) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    for i, pair in enumerate(fields.array(value, "folds", _MAX_ITEMS)):
-        items = fields.array(pair, f"folds[{i}]", 2)
-        if len(items) != 2:
-            raise FieldError(f"folds[{i}] must be [layer, batch norm]")
-        out.append(
-            (fields.text(items[0], f"folds[{i}][0]"), fields.text(items[1], f"folds[{i}][1]"))
-        )
-    if len(set(out)) != len(out) or len({bn for _, bn in out}) != len(out):
-        raise FieldError("folds lists one batch norm twice")
-    return out
-
-
-def _recipe(value: Any) -> dict[str, Any]:
-    """Its shape only: the recipe itself is validated when a model is rebuilt from it."""
-    recipe = fields.mapping(value, "recipe")
-    if isinstance(recipe.get("rules"), list):
-        fields.array(recipe["rules"], "recipe.rules", _MAX_RULES)
-    return recipe
-
-
-def _ties(value: Any, tensors: dict[str, TensorEntry]) -> dict[str, str]:
-    """Alias prefix -> stored prefix: the stored one holds tensors, the alias none."""
-    ties = fields.text_map(value, "ties", _MAX_ITEMS)
-    held = {p for key in tensors for p in prefixes(key)} if ties else set()
-    for alias, source in ties.items():
-        where = f"ties[{fields.short(alias)}]"
-        if any(p in ties for p in [*prefixes(source), *prefixes(alias)[:-1]]):
-            raise FieldError(f"{where} points at or lies inside another tie")
-        if source not in held:
-            raise FieldError(f"{where}: the file holds no tensor under {fields.short(source)}")
-        if alias in held:
-            raise FieldError(f"{where}: the file also holds {fields.short(alias)} itself")
-    return ties
-
-
-def _model(value: Any) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    source = fields.mapping(value, "model", {"library", "architecture", "version", "config"})
-    fields.text(source["library"], "model.library", 64)
-    fields.text(source["architecture"], "model.architecture", 200)
-    fields.text(source["version"], "model.version", 64)
-    fields.mapping(source["config"], "model.config")
-    return source
-
-
-def _checksum(value: Any) -> str:
-    digest = fields.mapping(value, "checksum", {"algorithm", "value"})
-    if digest["algorithm"] != "sha256":
-        raise FieldError(f"checksum.algorithm {fields.short(digest['algorithm'])} is not sha256")
-    hexdigest = fields.text(digest["value"], "checksum.value", 64)
-    if len(hexdigest) != 64 or any(c not in "0123456789abcdef" for c in hexdigest):
-        raise FieldError("checksum.value must be 64 lowercase hex digits")
-    return hexdigest
-
-
 def _header(
     path: Path, data: dict[str, Any], tensors: dict[str, TensorEntry], where: tuple[int, int]
 ) -> Header:
@@ -452,13 +309,13 @@ def _header(
         tensors=tensors,
         format_version=int(data["format_version"]),
         lowbit_version=fields.text(data["lowbit_version"], "lowbit_version", 64),
-        recipe=_recipe(data["recipe"]),
-        folds=_folds(data["folds"]),
-        layers=_layers(data),
-        checksum=_checksum(data["checksum"]),
-        kept_float=fields.text_map(data.get("kept_float", {}), "kept_float", _MAX_ITEMS),
-        ties=_ties(data.get("ties", {}), tensors),
-        model=_model(data.get("model")),
+        recipe=recipe_shape(data["recipe"]),
+        folds=fold_pairs(data["folds"]),
+        layers=layer_infos(data),
+        checksum=checksum_value(data["checksum"]),
+        kept_float=fields.text_map(data.get("kept_float", {}), "kept_float", MAX_ITEMS),
+        ties=tie_map(data.get("ties", {}), tensors),
+        model=model_source(data.get("model")),
         meta=data,
     )
 
