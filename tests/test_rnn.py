@@ -291,3 +291,16 @@ def test_compile_keeps_the_twins_whole_and_fuses_around_them() -> None:
     x = torch.randn(8, 10, 12)
     with torch.no_grad():
         assert torch.equal(compiled(x), q(x))
+
+
+def test_converted_rnn_holds_its_weights_as_integers_only() -> None:
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    q = lowbit.quantize(model, "w8a16")
+    assert {n.rsplit(".", 1)[-1] for n, _ in q.named_parameters()} == {"bias"}
+    assert q.lstm._flat_weights == []  # no list keeping the float matrices alive
+    float_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "weight" in n)
+    int_bytes = sum(
+        w.storage_nbytes() for w in (m.weight for m in lowbit.quantized_layers(q).values())
+    )
+    assert int_bytes < float_bytes / 3

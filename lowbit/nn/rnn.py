@@ -239,9 +239,17 @@ class _QRNNBase(_Aliases):
                 qmod.add_module(
                     f"hr{suffix}", linear_child(w_hr, None, weight, ispec, f"{label}.hr{suffix}")
                 )
-        qmod._init_flat_weights()  # RNNBase's, reading the aliases
         qmod.train(module.training)
         return qmod
+
+    def _init_flat_weights(self) -> None:
+        """Hold no list of weights (RNNBase's, for cuDNN): the children own them, and a list
+        kept here would keep the float weights alive after convert."""
+        self._flat_weights: list[torch.Tensor | None] = []
+        self._flat_weight_refs: list[Any] = []
+
+    def _update_flat_weights(self) -> None:
+        """Nothing to update (see :meth:`_init_flat_weights`)."""
 
     def _suffixes(self) -> list[str]:
         directions = ("", "_reverse") if self.bidirectional else ("",)
