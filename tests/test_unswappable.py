@@ -3,6 +3,8 @@ hooks keep a layer in float with its reason; plain subclasses are still quantize
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -111,3 +113,27 @@ def test_a_forward_pre_hook_that_rewrites_the_weight_keeps_the_layer_float() -> 
     assert "remove the hook before prepare()" in reason
     assert isinstance(q[2], QConv2d) and len(q[0]._forward_pre_hooks) == 1
     assert q(x).shape == (1, 4, 4, 4)
+
+
+@pytest.mark.parametrize("style", ["parametrizations", "old"])
+def test_layers_kept_float_round_trip_through_a_file(style: str, tmp_path: Path) -> None:
+    def build(seed: int) -> nn.Sequential:
+        torch.manual_seed(seed)
+        conv = nn.Conv1d(3, 4, 3)
+        if style == "parametrizations":
+            conv = parametrizations.weight_norm(conv)
+        else:
+            conv = torch.nn.utils.weight_norm(conv)
+        layers = [conv, nn.ReLU(), nn.Conv1d(4, 4, 1), nn.Flatten(), AffineLinear(32, 3)]
+        model = nn.Sequential(*layers).eval()
+        with torch.no_grad():  # see test_weight_norm_conv1d_stays_float
+            model(torch.randn(1, 3, 10))
+        return model
+
+    x = torch.randn(2, 3, 10)
+    q = lowbit.quantize(build(0), "w8a8", data=[x])
+    back = lowbit.load(lowbit.save(q, tmp_path / "m.lowbit"), build(1))
+    assert sorted(lowbit.prepared_info(back).kept_float) == ["0", "4"]
+    assert isinstance(back[2], lowbit.nn.QModule)
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))  # the float layers' weights came from the file too
