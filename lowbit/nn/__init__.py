@@ -34,7 +34,8 @@ from lowbit.nn.module import (
 from lowbit.nn.parent import QParent
 from lowbit.nn.qtensor import LAYOUTS, Layout, QTensor, register_layout
 from lowbit.nn.quantizer import Quantizer
-from lowbit.nn.rnn import QGRU, QLSTM, QRNN, QGRUCell, QLSTMCell, QRNNCell
+from lowbit.nn.rnn import QGRU, QLSTM, QRNN
+from lowbit.nn.rnn_cells import QGRUCell, QLSTMCell, QRNNCell
 from lowbit.nn.swap import unswappable_layers, unswappable_reason
 
 __all__ = [

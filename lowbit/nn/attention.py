@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.nn.children import drop_parameters, linear_child
 from lowbit.nn.layers import QLinear
 from lowbit.nn.module import register_qmodule
 from lowbit.nn.parent import QParent
-from lowbit.nn.rnn import drop_parameters, linear_child
 from lowbit.spec import QuantSpec
 
 __all__ = ["QMultiheadAttention"]
@@ -91,6 +91,27 @@ def _shape_check(
                 f"unbatched query, got {list(attn_mask.shape)}"
             )
     return batched
+
+
+def _check_attn_mask(
+    mask: torch.Tensor | None, tgt_len: int, src_len: int, batch_heads: int
+) -> torch.Tensor | None:
+    """A 2-D ``(L, S)`` mask as ``(1, L, S)``, a 3-D one checked to be ``(N*H, L, S)``."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        if tuple(mask.shape) != (tgt_len, src_len):
+            raise ValueError(
+                f"MultiheadAttention: the 2-D attn_mask is {list(mask.shape)}, but should be "
+                f"{[tgt_len, src_len]} (target, source length)"
+            )
+        return mask.unsqueeze(0)  # (1, L, S)
+    if tuple(mask.shape) != (batch_heads, tgt_len, src_len):
+        raise ValueError(
+            f"MultiheadAttention: the 3-D attn_mask is {list(mask.shape)}, but should be "
+            f"{[batch_heads, tgt_len, src_len]} (batch * num_heads, target, source length)"
+        )
+    return mask
 
 
 @register_qmodule(nn.MultiheadAttention)
@@ -268,8 +289,6 @@ class QMultiheadAttention(QParent, nn.MultiheadAttention):
         """``F.multi_head_attention_forward`` on batched ``(L, N, E)`` inputs with float
         masks, the projections replaced by the quantized children; per-head weights."""
         tgt_len, bsz, embed = query.shape
-        heads = self.num_heads
-        head_dim = embed // heads
         if is_causal and attn_mask is None:
             raise RuntimeError(
                 "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
@@ -279,69 +298,28 @@ class QMultiheadAttention(QParent, nn.MultiheadAttention):
             attn_mask = None  # the hint goes to scaled_dot_product_attention as is_causal
         elif key_padding_mask is not None:
             is_causal = False  # the merged mask is no longer causal
-        q, k, v = self._project(query, key, value)
-        if attn_mask is not None:
-            src = key.shape[0]
-            if attn_mask.dim() == 2:
-                if tuple(attn_mask.shape) != (tgt_len, src):
-                    raise ValueError(
-                        f"MultiheadAttention: the 2-D attn_mask is {list(attn_mask.shape)}, "
-                        f"but should be {[tgt_len, src]} (target, source length)"
-                    )
-                attn_mask = attn_mask.unsqueeze(0)
-            elif tuple(attn_mask.shape) != (bsz * heads, tgt_len, src):
-                raise ValueError(
-                    f"MultiheadAttention: the 3-D attn_mask is {list(attn_mask.shape)}, but "
-                    f"should be {[bsz * heads, tgt_len, src]} (batch * num_heads, target, source)"
-                )
-        if self.bias_k is not None and self.bias_v is not None:
-            k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])
-            v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
-            if attn_mask is not None:
-                attn_mask = F.pad(attn_mask, (0, 1))
-            if key_padding_mask is not None:
-                key_padding_mask = F.pad(key_padding_mask, (0, 1))
-        q = q.reshape(tgt_len, bsz * heads, head_dim).transpose(0, 1)
-        k = k.reshape(k.shape[0], bsz * heads, head_dim).transpose(0, 1)
-        v = v.reshape(v.shape[0], bsz * heads, head_dim).transpose(0, 1)
-        if self.add_zero_attn:
-            zeros = torch.zeros((bsz * heads, 1, head_dim), dtype=k.dtype, device=k.device)
-            k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
-            if attn_mask is not None:
-                attn_mask = F.pad(attn_mask, (0, 1))
-            if key_padding_mask is not None:
-                key_padding_mask = F.pad(key_padding_mask, (0, 1))
-        src_len = k.shape[1]
-        if key_padding_mask is not None:
-            if tuple(key_padding_mask.shape) != (bsz, src_len):
-                raise ValueError(
-                    f"MultiheadAttention: key_padding_mask is {list(key_padding_mask.shape)}, "
-                    f"expected {[bsz, src_len]} (batch, source length)"
-                )
-            padding = (
-                key_padding_mask.view(bsz, 1, 1, src_len)
-                .expand(-1, heads, -1, -1)
-                .reshape(bsz * heads, 1, src_len)
-            )
-            attn_mask = padding if attn_mask is None else attn_mask + padding
+        q, k, v = self._project(query, key, value)  # (L, N, E), (S, N, E), (S, N, E)
+        attn_mask = _check_attn_mask(attn_mask, tgt_len, key.shape[0], bsz * self.num_heads)
+        q, k, v, attn_mask = self._heads(q, k, v, attn_mask, key_padding_mask)
         dropout_p = self.dropout if self.training else 0.0
+        heads, src_len, head_dim = self.num_heads, k.shape[1], embed // self.num_heads
         if need_weights:
             scores_q = q * math.sqrt(1.0 / float(head_dim))
             if attn_mask is not None:
-                scores = torch.baddbmm(attn_mask, scores_q, k.transpose(-2, -1))
+                scores = torch.baddbmm(attn_mask, scores_q, k.transpose(-2, -1))  # (N*H, L, S)
             else:
-                scores = torch.bmm(scores_q, k.transpose(-2, -1))
+                scores = torch.bmm(scores_q, k.transpose(-2, -1))  # (N*H, L, S)
             weights = F.softmax(scores, dim=-1)
             if dropout_p > 0.0:
                 weights = F.dropout(weights, p=dropout_p)
-            attn = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed)
-            out = self.out_proj(attn).view(tgt_len, bsz, -1)
+            attn = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed)  # (L*N, E)
+            out = self.out_proj(attn).view(tgt_len, bsz, -1)  # (L, N, E)
             return out, weights.view(bsz, heads, tgt_len, src_len)
         if attn_mask is not None:
             if attn_mask.shape[0] == 1 and attn_mask.dim() == 3:
-                attn_mask = attn_mask.unsqueeze(0)
+                attn_mask = attn_mask.unsqueeze(0)  # (1, 1, L, S)
             else:
-                attn_mask = attn_mask.view(bsz, heads, -1, src_len)
+                attn_mask = attn_mask.view(bsz, heads, -1, src_len)  # (N, H, L or 1, S)
         attn = F.scaled_dot_product_attention(
             q.view(bsz, heads, tgt_len, head_dim),
             k.view(bsz, heads, src_len, head_dim),
@@ -349,6 +327,48 @@ class QMultiheadAttention(QParent, nn.MultiheadAttention):
             attn_mask,
             dropout_p,
             is_causal,
-        )
-        attn = attn.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed)
-        return self.out_proj(attn).view(tgt_len, bsz, -1), None
+        )  # (N, H, L, D)
+        attn = attn.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed)  # (L*N, E)
+        return self.out_proj(attn).view(tgt_len, bsz, -1), None  # (L, N, E)
+
+    def _heads(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q, k, v split into heads ``(N*H, L or S, D)``, with ``bias_k``/``bias_v`` and the
+        zero attention appended to k and v, and the key padding merged into the mask."""
+        tgt_len, bsz, embed = q.shape
+        heads = self.num_heads
+        if self.bias_k is not None and self.bias_v is not None:
+            k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])  # (S+1, N, E)
+            v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
+            attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
+            if key_padding_mask is not None:
+                key_padding_mask = F.pad(key_padding_mask, (0, 1))
+        q = q.reshape(tgt_len, bsz * heads, embed // heads).transpose(0, 1)  # (N*H, L, D)
+        k = k.reshape(k.shape[0], bsz * heads, embed // heads).transpose(0, 1)  # (N*H, S, D)
+        v = v.reshape(v.shape[0], bsz * heads, embed // heads).transpose(0, 1)  # (N*H, S, D)
+        if self.add_zero_attn:
+            zeros = torch.zeros((bsz * heads, 1, embed // heads), dtype=k.dtype, device=k.device)
+            k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)  # (N*H, S+1, D)
+            attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
+            if key_padding_mask is not None:
+                key_padding_mask = F.pad(key_padding_mask, (0, 1))
+        if key_padding_mask is None:
+            return q, k, v, attn_mask
+        src_len = k.shape[1]
+        if tuple(key_padding_mask.shape) != (bsz, src_len):
+            raise ValueError(
+                f"MultiheadAttention: key_padding_mask is {list(key_padding_mask.shape)}, "
+                f"expected {[bsz, src_len]} (batch, source length)"
+            )
+        padding = (
+            key_padding_mask.view(bsz, 1, 1, src_len)
+            .expand(-1, heads, -1, -1)
+            .reshape(bsz * heads, 1, src_len)
+        )  # (N*H, 1, S)
+        return q, k, v, padding if attn_mask is None else attn_mask + padding
