@@ -168,10 +168,15 @@ def test_conv1d_prepared_forward_matches_float_at_high_bits() -> None:
         assert lowbit.sqnr_db(model(ids).last_hidden_state, q(ids).last_hidden_state) >= 60.0
 
 
-def test_importing_lowbit_does_not_import_transformers() -> None:
-    code = "import sys, lowbit; print('transformers' in sys.modules)"
+def test_importing_lowbit_does_not_import_transformers(tmp_path: Path) -> None:
+    path = lowbit.save(lowbit.quantize(_gpt2(0), "w8a16"), tmp_path / "g.lowbit")
+    code = (  # a fresh process reads a GPT-2 file's header without importing transformers
+        "import sys, lowbit; from lowbit.export import read_header; "
+        f"kinds = {{layer.kind for layer in read_header({str(path)!r}).layers}}; "
+        "print('transformers' in sys.modules, sorted(kinds))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False ['embedding', 'hf_conv1d']"
 
 
 @pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w8a8", "w8a16", "w4a8"])

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lowbit.nn.kernels import LayerView, ReferenceKernel, register_kernel
-from lowbit.nn.module import QModule, register_lazy_qmodule
+from lowbit.nn.module import QMODULE_KINDS, QModule, register_lazy_qmodule
 from lowbit.nn.qtensor import QTensor
 from lowbit.spec import Granularity, PerChannel, QuantSpec
 
@@ -154,3 +154,6 @@ def conv1d_twin(float_cls: type[nn.Module]) -> type[QModule]:
 
 
 register_kernel(KIND)(ReferenceKernel)
+# the kind is known to file headers (lowbit inspect, load) before any Conv1D has been seen;
+# the twin built on first sight takes its place
+QMODULE_KINDS.setdefault(KIND, QHFConv1DBase)
