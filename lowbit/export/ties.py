@@ -85,9 +85,11 @@ def find_ties(model: nn.Module, state: Mapping[str, Any]) -> dict[str, str]:
                 ties[key] = first[id(weight.scale)]
             else:
                 first[id(weight.scale)] = key
+    held = {id(t) for _, t in model.named_parameters(remove_duplicate=False)}
+    held |= {id(t) for _, t in model.named_buffers(remove_duplicate=False)}
     seen: dict[int, str] = {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or _aliased(key, ties):
+    for key, value in state.items():  # registered tensors only, not a layer's derived entries
+        if id(value) not in held or _aliased(key, ties):
             continue
         if id(value) in seen:
             ties[key] = seen[id(value)]
@@ -150,7 +152,7 @@ def _retie_tensor(model: nn.Module, alias: str, source: str) -> None:
     elif attr in owner._buffers:
         owner._buffers[attr] = value
     else:
-        raise TieError(f"{alias!r} is tied to {source!r} but they are not the same kind of tensor")
+        return  # not a parameter or buffer: both were loaded from the same entries
     if isinstance(owner, QModule):
         owner._reset_runners()  # kernels prepared on the old object
 
@@ -174,7 +176,5 @@ def retie(model: nn.Module, ties: Mapping[str, str]) -> None:
             pass
         try:
             _retie_tensor(model, alias, source)
-        except AttributeError as err:
-            raise TieError(
-                f"{alias!r} is tied to {source!r}, which the model lacks ({err})"
-            ) from None
+        except AttributeError:
+            continue  # no attribute of that name: both were loaded from the same entries
