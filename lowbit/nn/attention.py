@@ -9,6 +9,11 @@ splits the input projection into three child :class:`~lowbit.nn.layers.QLinear` 
 cross-attention's query and memory are calibrated separately. The attention itself (masks,
 ``add_bias_kv``, ``add_zero_attn``, dropout, softmax) is torch's float computation, step for
 step as ``F.multi_head_attention_forward`` does it.
+
+The three projections are new parameters (copies of the rows of ``in_proj_weight``): for
+quantization-aware training, build the optimizer after ``prepare()``. A recipe rule applies to
+the attention as a whole (its name), not to ``q_proj``/``k_proj``/``v_proj`` one by one;
+``out_proj`` is a layer of the float model and takes rules of its own.
 """
 
 from __future__ import annotations
