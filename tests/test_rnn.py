@@ -304,3 +304,24 @@ def test_converted_rnn_holds_its_weights_as_integers_only() -> None:
         w.storage_nbytes() for w in (m.weight for m in lowbit.quantized_layers(q).values())
     )
     assert int_bytes < float_bytes / 3
+
+
+def test_model_code_calling_flatten_parameters_keeps_working() -> None:
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(6, 8, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.rnn.flatten_parameters()  # common in user code (a no-op off cuDNN)
+            return self.rnn(x)[0]
+
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    q = lowbit.quantize(model, "w8a8-dynamic")
+    x = torch.randn(2, 5, 6)
+    with torch.no_grad():
+        assert sqnr(model(x), q(x)) >= 30
+    assert [type(w).__name__ for w in q.rnn.all_weights[0]] == ["QTensor", "QTensor"] + [
+        "Parameter"
+    ] * 2
