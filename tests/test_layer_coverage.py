@@ -217,3 +217,27 @@ def test_weight_only_conv3d_runs_on_the_kernel_a_conv2d_gets() -> None:
         q_vol.set_kernel("reference")
         assert lowbit.sqnr_db(q_vol(v), fast) >= 30.0
         assert lowbit.sqnr_db(vol(v), fast) >= 30.0
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-dynamic"])
+def test_int8_conv3d_runs_on_the_kernel_a_conv2d_gets(recipe: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, groups=2))
+    model = nn.Sequential(*model, nn.ReLU()).eval()
+    v = torch.randn(2, 4, 5, 6, 7)
+    q = lowbit.quantize(model, recipe, data=[v])
+    flat = lowbit.quantize(nn.Sequential(nn.Conv2d(4, 8, 3)), recipe, data=[v[:, :, 0]])
+    layers = lowbit.quantized_layers(q).values()
+    assert {layer.kernel_name for layer in layers} == {flat[0].kernel_name}
+    with torch.no_grad():
+        fast, single = q(v), q[0](v[0])  # an unbatched input too
+        for layer in layers:
+            layer.set_kernel("reference")
+        want = q(v)
+        assert lowbit.sqnr_db(want, fast) >= 40.0
+        assert lowbit.sqnr_db(q[0](v[0]), single) >= 40.0
+        for layer in layers:
+            layer.set_kernel(None)
+        fused = lowbit.compile(q, backend="torch", example_inputs=v)  # ReLU fused where it can
+        assert lowbit.sqnr_db(want, fused(v)) >= 40.0
+        assert lowbit.sqnr_db(want, fused(v)) >= 40.0  # the bound fast path of a second call

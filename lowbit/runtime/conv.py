@@ -1,4 +1,4 @@
-"""Integer kernels for converted Conv1d/Conv2d layers (Conv3d: the weight-only one).
+"""Integer kernels for converted Conv1d/Conv2d/Conv3d layers.
 
 - ``onednn-int8``: oneDNN's uint8 x int8 convolution (grouped and depthwise included) with
   per-channel weight scales and bias in its epilogue, on channels_last tensors; ReLU and the
@@ -49,7 +49,7 @@ def _geometry(layer: nn.modules.conv._ConvNd) -> tuple[list[int], list[int], lis
     return list(layer.stride), padding, list(layer.dilation), layer.groups
 
 
-@register_kernel("conv1d", "conv2d")
+@register_kernel("conv1d", "conv2d", "conv3d")
 class OneDNNInt8Conv(Kernel):
     """uint8 x int8 convolution (oneDNN), per-channel weight scales and bias fused."""
 
@@ -61,7 +61,9 @@ class OneDNNInt8Conv(Kernel):
         spec = view.input_spec
         if spec is not None and isinstance(spec.gran, PerToken):
             return "per-token activations on a convolution"
-        op = "onednn_qconv2d" if view.kind == "conv2d" else "onednn_qconv1d"
+        op = {"conv1d": "onednn_qconv1d", "conv3d": "onednn_qconv3d"}.get(
+            view.kind, "onednn_qconv2d"
+        )
         return (
             _conv_problem(view, dtype, device)
             or symmetric_int8_problem(view.weight_spec)

@@ -101,6 +101,13 @@ def qconv_prepack(
     )
 
 
+def _relu_after(out: torch.Tensor, relu: bool, out_zero: int) -> torch.Tensor:
+    """ReLU applied to a conv's output: float, or uint8 around its zero point ``out_zero``."""
+    if not relu:
+        return out
+    return out.clamp_(min=out_zero) if out.dtype == torch.uint8 else out.relu_()
+
+
 def qconv(
     x: torch.Tensor,
     x_scale: float,
@@ -115,10 +122,14 @@ def qconv(
     out_scale: float = 1.0,
     out_zero: int = 0,
 ) -> torch.Tensor:
-    """Int8 convolution of a uint8 input (channels_last for 2-d); ``geometry`` is (stride,
-    padding, dilation, groups). Float output, or uint8 at ``out_scale``/``out_zero``."""
-    op = _ONEDNN.qconv2d_pointwise if x.ndim == 4 else _ONEDNN.qconv1d_pointwise
-    return op(
+    """Int8 convolution of a uint8 input (channels_last for 2-d; 1-, 2- or 3-d); ``geometry``
+    is (stride, padding, dilation, groups). Float output, or uint8 at ``out_scale``/``out_zero``."""
+    three_d = x.ndim == 5  # oneDNN's generic op, which takes no ReLU post-op
+    if three_d:
+        op = _ONEDNN.qconv_pointwise
+    else:
+        op = _ONEDNN.qconv2d_pointwise if x.ndim == 4 else _ONEDNN.qconv1d_pointwise
+    out = op(
         x,
         x_scale,
         x_zero,
@@ -130,10 +141,11 @@ def qconv(
         out_scale,
         out_zero,
         out_dtype,
-        "relu" if relu else "none",
+        "relu" if relu and not three_d else "none",
         [],
         "",
     )
+    return _relu_after(out, relu and three_d, out_zero)
 
 
 def qconv_add(
@@ -228,7 +240,11 @@ def bound_qconv(
     out_scale: float = 1.0,
     out_zero: int = 0,
 ) -> Bound:
-    """:func:`qconv` (2-d) as ``f(x)``, its other arguments bound."""
+    """:func:`qconv` (2-d, or 3-d for a 3-d ``geometry``) as ``f(x)``, its other arguments
+    bound."""
+    if len(geometry[0]) == 3:  # no ReLU post-op in oneDNN's 3-d op
+        bound = (x_scale, x_zero, packed, w_scale, w_zero, bias, geometry, out_dtype)
+        return lambda x: qconv(x, *bound, relu, out_scale, out_zero)
     op = _ONEDNN.qconv2d_pointwise.default
     args: tuple[Any, ...] = (
         x_scale,

@@ -80,6 +80,19 @@ def _test_qconv1d() -> str | None:
     return _close(got, want, 1e-4)
 
 
+def _test_qconv3d() -> str | None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (8, 4, 3, 3, 3), dtype=torch.int8, generator=gen)
+    ws = torch.rand(8, generator=gen) * 0.01 + 0.001
+    x = torch.randint(0, 256, (2, 4, 4, 5, 6), dtype=torch.uint8, generator=gen)
+    geometry = ([1, 1, 1], [1, 1, 1], [1, 1, 1], 1)
+    packed = qconv_prepack(w, ws, *geometry)
+    zeros = torch.zeros(8, dtype=torch.int32)
+    got = qconv(x, 0.02, 100, packed, ws, zeros, None, geometry, torch.float32)
+    want = F.conv3d((x.float() - 100) * 0.02, w.float() * ws[:, None, None, None, None], None, 1, 1)
+    return _close(got, want, 1e-4)
+
+
 def _test_weight_int8() -> str | None:
     gen = torch.Generator().manual_seed(0)
     w = torch.randint(-127, 128, (16, 32), dtype=torch.int8, generator=gen)
@@ -118,6 +131,7 @@ SELF_TESTS: dict[str, Callable[[], str | None]] = {
     "onednn_qlinear": _test_qlinear,
     "onednn_qconv2d": _test_qconv,
     "onednn_qconv1d": _test_qconv1d,
+    "onednn_qconv3d": _test_qconv3d,
     "weight_int8_mm": _test_weight_int8,
     "int4_mm": _test_int4,
 }
@@ -151,7 +165,8 @@ def available(op: str) -> str | None:
 def self_test() -> dict[str, str | None]:
     """Every private op's self-test: op name -> None (works) or the problem.
 
-    >>> sorted(self_test())
-    ['int4_mm', 'onednn_qconv1d', 'onednn_qconv2d', 'onednn_qlinear', 'weight_int8_mm']
+    >>> sorted(self_test())  # doctest: +NORMALIZE_WHITESPACE
+    ['int4_mm', 'onednn_qconv1d', 'onednn_qconv2d', 'onednn_qconv3d', 'onednn_qlinear',
+     'weight_int8_mm']
     """
     return {op: available(op) for op in SELF_TESTS}
