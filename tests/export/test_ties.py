@@ -154,11 +154,10 @@ def test_gpt2_lm_head_tied_to_its_embedding(gpt2: type, recipe: str, tmp_path: P
     header = read_header(path)
     back = load(path, gpt2(5))
     wte, head = back.transformer.wte.weight, back.lm_head.weight
-    if q.lm_head.weight is q.transformer.wte.weight:  # one spec for both: one QTensor
-        assert header.ties == {"lm_head.weight": "transformer.wte.weight"}
-        assert head is wte or head.scale is wte.scale  # the int4 kernel re-packs its copy
-    else:  # two specs: the tie is broken and said so
-        assert any("tie is broken" in note for note in prepared_info(q).notes)
+    assert q.lm_head.weight is q.transformer.wte.weight  # the recipe's embedding spec is
+    assert header.ties == {"lm_head.weight": "transformer.wte.weight"}  # its weight spec
+    assert any("lm_head: weight tied to transformer.wte's" in n for n in prepared_info(q).notes)
+    assert head is wte or head.scale is wte.scale  # the int4 kernel re-packs its copy
     assert torch.equal(back(ids).logits, q(ids).logits)
     assert theoretical_size(back) == theoretical_size(q)
 
