@@ -137,3 +137,12 @@ def test_layers_kept_float_round_trip_through_a_file(style: str, tmp_path: Path)
     assert isinstance(back[2], lowbit.nn.QModule)
     with torch.no_grad():
         assert torch.equal(back(x), q(x))  # the float layers' weights came from the file too
+
+
+def test_pruned_and_spectral_normed_layers_name_the_undo() -> None:
+    pruned = torch.nn.utils.prune.l1_unstructured(nn.Linear(4, 4), "weight", amount=0.5)
+    assert "prune.remove(layer, 'weight') first" in (unswappable_reason(pruned) or "")
+    normed = torch.nn.utils.spectral_norm(nn.Linear(4, 4))
+    assert "remove_spectral_norm(layer) first" in (unswappable_reason(normed) or "")
+    torch.nn.utils.prune.remove(pruned, "weight")  # permanent: a plain Linear again
+    assert unswappable_reason(pruned) is None

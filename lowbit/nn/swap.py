@@ -20,6 +20,9 @@ from typing import Any, cast
 
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from lowbit.nn.module import QMODULES, QModule, qmodule_class
 
@@ -38,15 +41,33 @@ def _hook_name(hook: Any) -> str:
     return f"{getattr(hook, '__module__', None) or type(hook).__module__}.{name}"
 
 
+# torch's hooks that rebuild a weight before every call -> what they do and how to undo them
+_WEIGHT_HOOKS: tuple[tuple[type, str], ...] = (
+    (
+        WeightNorm,
+        "torch.nn.utils.weight_norm recomputes its weight from weight_g and weight_v before "
+        "every call (a forward pre-hook); torch.nn.utils.remove_weight_norm(layer) first",
+    ),
+    (
+        SpectralNorm,
+        "torch.nn.utils.spectral_norm recomputes its weight before every call (a forward "
+        "pre-hook); torch.nn.utils.remove_spectral_norm(layer) first",
+    ),
+    (
+        BasePruningMethod,
+        "torch.nn.utils.prune masks its weight before every call (a forward pre-hook); "
+        "make the pruning permanent with prune.remove(layer, 'weight') first",
+    ),
+)
+
+
 def _hook_reason(module: nn.Module) -> str | None:
     for attr, what in _HOOKS:
         hooks = getattr(module, attr, None) or {}
         for hook in hooks.values():
-            if type(hook).__name__ == "WeightNorm" and hasattr(module, "weight_g"):
-                return (
-                    "torch.nn.utils.weight_norm recomputes its weight from weight_g and "
-                    "weight_v before every call (a forward pre-hook)"
-                )
+            known = next((why for cls, why in _WEIGHT_HOOKS if isinstance(hook, cls)), None)
+            if known is not None:
+                return known
             return (
                 f"a {what} ({_hook_name(hook)}) is registered on it, which its quantized "
                 "twin would not run; remove the hook before prepare() to quantize it"
