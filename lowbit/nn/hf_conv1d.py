@@ -56,7 +56,16 @@ def as_linear_view(view: LayerView) -> LayerView:
 
 
 class QHFConv1DBase(QModule):
-    """What the quantized ``Conv1D`` does; :func:`conv1d_twin` mixes it with the float class."""
+    """What the quantized ``Conv1D`` does; :func:`conv1d_twin` mixes it with the float class.
+
+    >>> from transformers.pytorch_utils import Conv1D
+    >>> from lowbit.nn import qmodule_class
+    >>> layer = Conv1D(6, 4)  # nf (out), nx (in): weight (4, 6)
+    >>> q = qmodule_class(layer).from_float(layer, QuantSpec("int8", "per_channel"))
+    >>> q.freeze()
+    >>> q.weight.shape, q.weight.scale.shape, q.linear_weight().shape
+    (torch.Size([4, 6]), torch.Size([6]), torch.Size([6, 4]))
+    """
 
     kind = KIND
     nf: int
