@@ -299,7 +299,9 @@ def _model_from_header(header: Header) -> nn.Module:
             "models do); pass the float model: lowbit.load(path, MyModel())"
         )
     try:
-        return build_from_source(header.model, where=repr(str(header.path)))
+        elements = sum(math.prod(entry.shape) for entry in header.tensors.values())
+        budget = (elements, len(header.tensors))
+        return build_from_source(header.model, where=repr(str(header.path)), budget=budget)
     except HFError as err:
         raise CheckpointError(str(err)) from None
 

@@ -24,6 +24,7 @@ __all__ = [
     "load_pretrained",
     "model_source",
     "build_from_source",
+    "check_config_sizes",
     "params_on_meta",
 ]
 
@@ -168,9 +169,53 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def build_from_source(source: Any, where: str = "file") -> nn.Module:
+_LAYER_COUNT_KEYS = ("layers", "n_layer", "num_blocks", "depths")
+
+
+def check_config_sizes(config: Any, elements: int, tensors: int, where: str = "file") -> None:
+    """Refuse a stored config whose numbers would build something far bigger than the file
+    holds: no integer may exceed the file's element count (at least 2**20), and no layer count
+    its number of tensors (a real model stores at least one tensor per layer). A crafted
+    config (``max_position_embeddings: 50000000``) is refused before anything is built.
+
+    >>> check_config_sizes({"hidden_size": 64, "num_hidden_layers": 2}, 10_000, 40)
+    >>> try:
+    ...     check_config_sizes({"num_hidden_layers": 10_000}, 10_000, 40)
+    ... except HFError as err:
+    ...     print(str(err)[:60])
+    file: config num_hidden_layers = 10000 is more layers than t
+    """
+    limit = max(elements, 1 << 20)
+
+    def visit(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                visit(v, str(k))
+        elif isinstance(value, list):
+            for v in value:
+                visit(v, key)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if any(word in key for word in _LAYER_COUNT_KEYS) and value > tensors:
+                raise HFError(
+                    f"{where}: config {key} = {value} is more layers than the file has "
+                    f"tensors ({tensors}); the file is crafted or damaged, re-save the model"
+                )
+            if abs(value) > limit:
+                raise HFError(
+                    f"{where}: config {key} = {value} is larger than everything the file "
+                    f"holds ({elements} values); the file is crafted or damaged, re-save the model"
+                )
+
+    visit(config, "config")
+
+
+def build_from_source(
+    source: Any, where: str = "file", budget: tuple[int, int] | None = None
+) -> nn.Module:
     """An untrained skeleton (parameters on the meta device) of the model ``source`` describes
     (:func:`model_source`), built by transformers from the stored config; eval mode.
+    ``budget``: the file's (element count, tensor count), which bound the config's numbers
+    (:func:`check_config_sizes`) before anything is built.
 
     >>> import transformers
     >>> cfg = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
@@ -193,6 +238,8 @@ def build_from_source(source: Any, where: str = "file") -> nn.Module:
             f"{where}: the stored config asks for remote code (auto_map), which lowbit never "
             "runs; pass the float model to lowbit.load(path, model)"
         )
+    if budget is not None:
+        check_config_sizes(config_dict, *budget, where=where)
     try:
         config = cls.config_class.from_dict(dict(config_dict))
         transformers = _transformers()

@@ -69,3 +69,27 @@ def test_a_crafted_model_description_is_refused(tmp_path: Path) -> None:
         with pytest.raises(HFError, match=message):
             build_from_source(source)
     json.dumps(config)  # the description is plain JSON
+
+
+def test_a_config_bigger_than_the_file_is_refused_before_building(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crafting import craft
+
+    import lowbit.export.hf as hf
+
+    float_model = load_pretrained(_gpt2(tmp_path))
+    good = lowbit.save(lowbit.quantize(float_model, "w8a16"), tmp_path / "g.lowbit")
+    for key, value, message in [
+        ("n_positions", 50_000_000, "larger than everything the file holds"),
+        ("n_layer", 100_000, "more layers than the file has tensors"),
+    ]:
+
+        def edit(meta: dict, key: str = key, value: int = value) -> None:
+            meta["model"]["config"][key] = value
+
+        crafted = craft(good, tmp_path / f"{key}.lowbit", header=edit)  # checksum re-signed
+        with monkeypatch.context() as m:
+            m.setattr(hf, "params_on_meta", lambda: pytest.fail("built before the check"))
+            with pytest.raises(lowbit.CheckpointError, match=message):
+                lowbit.load(crafted)
