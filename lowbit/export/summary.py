@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import math
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from lowbit.spec import QuantSpec, SpecError
 __all__ = [
     "LayerRow",
     "FileSummary",
+    "FloatRow",
     "plain",
     "inspect",
     "summarize",
@@ -68,13 +69,30 @@ class LayerRow:
 
 
 @dataclass(frozen=True)
+class FloatRow:
+    """Tensors a file stores in float, grouped by the module that holds them, with the reason
+    the model kept that module in float (from the file's header where the model said why)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    bytes: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class FileSummary:
-    """A file's layers and totals: file bytes against the float32 size of the same parameters."""
+    """A file's layers and totals: file bytes against the float32 size of the same parameters.
+
+    ``rows`` are the quantized layers, ``float_rows`` everything stored in float (layers kept
+    float, norms, embeddings a recipe left alone, buffers), so leftovers show by size.
+    """
 
     path: Path
     rows: list[LayerRow]
     file_bytes: int
     fp32_bytes: int
+    float_rows: list[FloatRow] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -165,7 +183,36 @@ def summarize(path: str | Path) -> FileSummary:
         if f"{row.name}.weight" in header.ties or row.name in header.ties
     )
     fp32 = sum(row.fp32_bytes for row in rows) - tied + leftovers
-    return FileSummary(header.path, rows, header.file_size, fp32)
+    return FileSummary(header.path, rows, header.file_size, fp32, _float_rows(header, owned))
+
+
+_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def _float_rows(header: Header, owned: set[str]) -> list[FloatRow]:
+    """The tensors no quantized layer owns, grouped by module, biggest first."""
+    groups: dict[str, list[str]] = {}
+    for key in header.tensors:
+        if key not in owned:
+            groups.setdefault(key.rpartition(".")[0], []).append(key)
+    rows = []
+    for module, keys in groups.items():
+        entries = [header.tensors[k] for k in keys]
+        weight = header.tensors.get(f"{module}.weight" if module else "weight")
+        biggest = weight or max(entries, key=lambda e: e.nbytes)
+        reason = header.kept_float.get(module) or (
+            "not a layer lowbit quantizes (norms, buffers, positional tables, ...)"
+        )
+        rows.append(
+            FloatRow(
+                name=module,
+                dtype=_DTYPE_NAMES.get(biggest.dtype, biggest.dtype.lower()),
+                shape=tuple(biggest.shape),
+                bytes=sum(e.nbytes for e in entries),
+                reason=reason,
+            )
+        )
+    return sorted(rows, key=lambda r: -r.bytes)
 
 
 def inspect(path: str | Path) -> list[LayerRow]:
@@ -210,7 +257,7 @@ def inspect_table(path: str | Path) -> Table:
     table.add_column("on disk", justify="right", footer=_kib(summary.file_bytes))
     table.add_column("fp32", justify="right", footer=_kib(summary.fp32_bytes))
     table.add_column("ratio", justify="right", footer=f"{summary.ratio:.2f}x")
-    table.add_column("kernel")
+    table.add_column("kernel / why float")
     for row in summary.rows:
         ratio = row.fp32_bytes / row.bytes if row.bytes else math.inf
         table.add_row(
@@ -224,6 +271,19 @@ def inspect_table(path: str | Path) -> Table:
             _kib(row.fp32_bytes),
             f"{ratio:.2f}x",
             plain(row.kernel),
+        )
+    for frow in summary.float_rows:
+        table.add_row(
+            plain(frow.name or "(model)"),
+            "float",
+            plain(frow.dtype),
+            "",
+            "",
+            "x".join(map(str, frow.shape)),
+            _kib(frow.bytes),
+            "",
+            "",
+            plain(frow.reason),
         )
     return table
 
