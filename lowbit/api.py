@@ -124,6 +124,25 @@ def _why_float(recipe: Recipe, name: str, kind: str) -> str:
     return "a recipe rule keeps it in float (config: null)"
 
 
+def _copy(model: M) -> M:
+    """A deep copy of ``model``. torch cannot deep-copy a layer under the deprecated
+    ``torch.nn.utils.weight_norm`` hook while its computed weight carries an autograd graph;
+    the weight is recomputed without one first (the values its next forward would give)."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as err:
+        if "deepcopy protocol" not in str(err):
+            raise
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                with torch.no_grad():
+                    setattr(module, hook.name, hook.compute_weight(module))
+    return copy.deepcopy(model)
+
+
 def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
     """Fold batch norms and swap every supported layer for its quantized twin; the model
     comes back in eval mode (call ``.train()`` on it for quantization-aware training).
@@ -139,7 +158,7 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
     """
     recipe = load_recipe(recipe)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy(model)
     info = PreparedInfo(recipe)
     if recipe.fold_batchnorm:
         pairs, info.notes = find_foldable(model)

@@ -146,3 +146,19 @@ def test_pruned_and_spectral_normed_layers_name_the_undo() -> None:
     assert "remove_spectral_norm(layer) first" in (unswappable_reason(normed) or "")
     torch.nn.utils.prune.remove(pruned, "weight")  # permanent: a plain Linear again
     assert unswappable_reason(pruned) is None
+
+
+def test_old_style_weight_norm_models_quantize_with_the_layer_kept_float() -> None:
+    import warnings
+
+    import lowbit
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        conv = torch.nn.utils.weight_norm(torch.nn.Conv1d(4, 4, 3))
+    model = torch.nn.Sequential(conv, torch.nn.Flatten(), torch.nn.Linear(24, 2))
+    x = torch.randn(2, 4, 8)
+    expected = model(x)  # a graph-carrying weight: what torch cannot deep-copy
+    q = lowbit.quantize(model, "w8a16")
+    assert "weight_norm" in lowbit.prepared_info(q).kept_float["0"]
+    assert lowbit.sqnr_db(expected, q(x)) > 30
