@@ -21,9 +21,12 @@ from lowbit.nn import (
     QParent,
     QTensor,
     Quantizer,
+    adopt_subclass,
     disable_fused_path,
+    fold_weight_norm,
     kept_float_by_parent,
     qmodule_class,
+    twin_class,
     unswappable_layers,
 )
 from lowbit.nn.tied import WeightTies
@@ -165,6 +168,8 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
         info.folds = fold_batchnorm(model, pairs)
         for note in info.notes:
             logger.info("batch-norm folding: %s", note)
+    for name, what in fold_weight_norm(model).items():
+        info.notes.append(f"{name}: {what}")
     unswappable = unswappable_layers(model)
 
     def swapped(name: str, parent: nn.Module) -> bool:  # a twin calls its children
@@ -203,6 +208,8 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
             info.kept_float[name] = held or _why_float(recipe, name, qcls.kind)
             continue
         qmod = qcls.from_float(module, config.weight, config.input, name)
+        if isinstance(qmod, QModule):  # a subclass extending forward keeps its forward
+            qmod = adopt_subclass(qmod, module, twin_class(module, type(qmod)))
         if isinstance(qmod, QParent):  # e.g. an LSTM's static input spec made dynamic
             info.notes += qmod.notes
         for alias in names:  # the same quantized object wherever the float one was

@@ -36,19 +36,29 @@ class CustomConv(nn.Conv2d):
         return super()._conv_forward(x, weight.flip(-1), bias)
 
 
+class CustomConv1d(nn.Conv1d):
+    """Overrides _conv_forward: kept float."""
+
+    def _conv_forward(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return super()._conv_forward(x, -weight, bias)
+
+
 def _model() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(AffineLinear(8, 8), nn.ReLU(), NamedLinear(8, 4)).eval()
 
 
-def test_overridden_forward_stays_float_and_the_output_follows_it() -> None:
+def test_a_forward_extending_super_forward_is_quantized_and_kept() -> None:
     model = _model()
     x = torch.randn(16, 8)
     q = lowbit.quantize(model, "w8a8", data=[x])
-    assert type(q[0]) is AffineLinear  # the user's class, forward and all
+    assert isinstance(q[0], AffineLinear) and isinstance(q[0], QLinear)  # its forward, quantized
+    assert type(q[0]).__mro__[1] is AffineLinear  # the user's forward runs first
     assert isinstance(q[2], QLinear)  # no forward of its own: quantized
-    reason = lowbit.prepared_info(q).kept_float["0"]
-    assert reason.startswith("AffineLinear overrides Linear.forward()")
+    assert "0" not in lowbit.prepared_info(q).kept_float
+    assert isinstance(q[0].weight, lowbit.nn.QTensor)
     with torch.no_grad():
         want, got = model(x), q(x)
         plain = q[2](torch.relu(nn.functional.linear(x, model[0].weight, model[0].bias)))
@@ -69,24 +79,30 @@ def test_instance_forward_replaced_stays_float() -> None:
 
 
 @pytest.mark.parametrize("style", ["parametrizations", "old"])
-def test_weight_norm_conv1d_stays_float(style: str) -> None:
+def test_weight_norm_is_folded_into_the_inference_weight_and_quantized(style: str) -> None:
     torch.manual_seed(0)
     conv = nn.Conv1d(3, 4, 3)
     if style == "parametrizations":
         conv = parametrizations.weight_norm(conv)
-        expected = "its weight is parametrized (_WeightNorm"
     else:
         conv = torch.nn.utils.weight_norm(conv)  # deprecated: weight_g, weight_v and a hook
-        expected = "weight_norm recomputes its weight from weight_g and weight_v"
     model = nn.Sequential(conv, nn.ReLU(), nn.Conv1d(4, 2, 1)).eval()
     x = torch.randn(2, 3, 10)
-    with torch.no_grad():  # the old hook's weight is a non-leaf until recomputed without
-        model(x)  # autograd, and torch refuses to deepcopy that (prepare() copies the model)
+    with torch.no_grad():
+        model(x)
     q = lowbit.quantize(model, "w8a8", data=[x])
-    assert expected in lowbit.prepared_info(q).kept_float["0"]
-    assert not isinstance(q[0], lowbit.nn.QModule) and isinstance(q[2], lowbit.nn.QModule)
+    assert "0: weight_norm folded" in " ".join(lowbit.prepared_info(q).notes)
+    assert isinstance(q[0], lowbit.nn.QModule) and isinstance(q[2], lowbit.nn.QModule)
+    assert parametrize.is_parametrized(model[0]) == (style == "parametrizations")  # untouched
     with torch.no_grad():
         assert lowbit.sqnr_db(model(x), q(x)) >= 30.0
+
+
+def test_other_parametrizations_keep_the_layer_float() -> None:
+    layer = parametrizations.spectral_norm(nn.Linear(4, 4))
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(4, 2)).eval()
+    q = lowbit.quantize(model, "w8a16")
+    assert "is parametrized" in lowbit.prepared_info(q).kept_float["0"]
 
 
 def test_parametrized_linear_names_its_parametrization() -> None:
@@ -121,10 +137,10 @@ def test_layers_kept_float_round_trip_through_a_file(style: str, tmp_path: Path)
         torch.manual_seed(seed)
         conv = nn.Conv1d(3, 4, 3)
         if style == "parametrizations":
-            conv = parametrizations.weight_norm(conv)
+            conv = parametrizations.spectral_norm(conv)
         else:
-            conv = torch.nn.utils.weight_norm(conv)
-        layers = [conv, nn.ReLU(), nn.Conv1d(4, 4, 1), nn.Flatten(), AffineLinear(32, 3)]
+            conv = torch.nn.utils.spectral_norm(conv)
+        layers = [conv, nn.ReLU(), CustomConv1d(4, 4, 1), nn.Flatten(), AffineLinear(32, 3)]
         model = nn.Sequential(*layers).eval()
         with torch.no_grad():  # see test_weight_norm_conv1d_stays_float
             model(torch.randn(1, 3, 10))
@@ -133,8 +149,8 @@ def test_layers_kept_float_round_trip_through_a_file(style: str, tmp_path: Path)
     x = torch.randn(2, 3, 10)
     q = lowbit.quantize(build(0), "w8a8", data=[x])
     back = lowbit.load(lowbit.save(q, tmp_path / "m.lowbit"), build(1))
-    assert sorted(lowbit.prepared_info(back).kept_float) == ["0", "4"]
-    assert isinstance(back[2], lowbit.nn.QModule)
+    assert sorted(lowbit.prepared_info(back).kept_float) == ["0", "2"]
+    assert isinstance(back[4], lowbit.nn.QModule) and isinstance(back[4], AffineLinear)
     with torch.no_grad():
         assert torch.equal(back(x), q(x))  # the float layers' weights came from the file too
 
@@ -148,7 +164,7 @@ def test_pruned_and_spectral_normed_layers_name_the_undo() -> None:
     assert unswappable_reason(pruned) is None
 
 
-def test_old_style_weight_norm_models_quantize_with_the_layer_kept_float() -> None:
+def test_old_style_weight_norm_models_with_a_graph_carrying_weight_quantize() -> None:
     import warnings
 
     import lowbit
@@ -160,5 +176,6 @@ def test_old_style_weight_norm_models_quantize_with_the_layer_kept_float() -> No
     x = torch.randn(2, 4, 8)
     expected = model(x)  # a graph-carrying weight: what torch cannot deep-copy
     q = lowbit.quantize(model, "w8a16")
-    assert "weight_norm" in lowbit.prepared_info(q).kept_float["0"]
+    assert "0: weight_norm folded" in " ".join(lowbit.prepared_info(q).notes)
+    assert isinstance(q[0], lowbit.nn.QModule)
     assert lowbit.sqnr_db(expected, q(x)) > 30

@@ -36,7 +36,13 @@ from lowbit.nn.qtensor import LAYOUTS, Layout, QTensor, register_layout
 from lowbit.nn.quantizer import Quantizer
 from lowbit.nn.rnn import QGRU, QLSTM, QRNN
 from lowbit.nn.rnn_cells import QGRUCell, QLSTMCell, QRNNCell
-from lowbit.nn.swap import unswappable_layers, unswappable_reason
+from lowbit.nn.swap import (
+    adopt_subclass,
+    fold_weight_norm,
+    twin_class,
+    unswappable_layers,
+    unswappable_reason,
+)
 
 __all__ = [
     "FLOAT_CHILDREN",
@@ -81,5 +87,8 @@ __all__ = [
     "register_lazy_qmodule",
     "register_qmodule",
     "unswappable_layers",
+    "adopt_subclass",
+    "fold_weight_norm",
+    "twin_class",
     "unswappable_reason",
 ]

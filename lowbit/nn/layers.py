@@ -97,7 +97,11 @@ class _QConvNd(QModule):
     def _view_extra(self) -> tuple[tuple[str, str], ...]:
         assert isinstance(self, nn.modules.conv._ConvNd)
         padding = self.padding if isinstance(self.padding, str) else "explicit"
-        return (("padding", padding), ("padding_mode", self.padding_mode))
+        return (
+            ("padding", padding),
+            ("padding_mode", self.padding_mode),
+            ("groups", str(self.groups)),
+        )
 
 
 @register_qmodule(nn.Conv2d)

@@ -14,7 +14,10 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowbit.nn import Kernel, LayerView, QModule, QTensor, as_float, register_kernel
@@ -38,6 +41,50 @@ def _conv_problem(view: LayerView, dtype: torch.dtype, device: torch.device) -> 
         return f"padding_mode={view.get('padding_mode')!r} (zeros only)"
     if view.get("padding", "explicit") not in ("explicit", "valid"):
         return f"padding={view.get('padding')!r} (explicit sizes only)"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _grouped_problem(weight_shape: tuple[int, ...], groups: int) -> str | None:
+    """Whether oneDNN computes a grouped convolution of this weight shape right, checked once
+    per shape on random integers against the same arithmetic in float64.
+
+    oneDNN 3.x on this CPU returns wrong sums for some grouped shapes (16 input channels per
+    group with kernel widths 8 and 16, as in Wav2Vec2's positional convolution: -12 dB against
+    the simulation) and right ones for others (3x3, 5x5, depthwise); rather than a list of
+    shapes that a oneDNN upgrade would make stale, every grouped shape is tried on first use.
+    """
+    if groups <= 1:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    out_ch, per_group, *kernel = weight_shape
+    margin = {1: 61, 2: 13}.get(len(kernel), 3)  # 1-d: wrong only past ~40 positions
+    spatial = [k + margin for k in kernel]
+    x = torch.randint(0, 256, (1, per_group * groups, *spatial), generator=gen, dtype=torch.uint8)
+    w = torch.randint(-127, 128, tuple(weight_shape), generator=gen, dtype=torch.int8)
+    w_scale = torch.full((out_ch,), 1.0 / 128)
+    geometry = ([1] * len(kernel), [0] * len(kernel), [1] * len(kernel), groups)
+    if x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    packed = ops.qconv_prepack(w, w_scale, *geometry)
+    got = ops.qconv(
+        x,
+        1.0,
+        128,
+        packed,
+        w_scale,
+        torch.zeros(out_ch, dtype=torch.int32),
+        None,
+        geometry,
+        torch.float32,
+    )
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.ndim]
+    want = conv(x.double() - 128, w.double() / 128, groups=groups)
+    if not torch.allclose(got.double(), want, rtol=1e-3, atol=1e-2 * float(want.abs().max())):
+        return (
+            f"oneDNN computes this grouped shape wrong here ({per_group} input channels per "
+            f"group, kernel {'x'.join(map(str, kernel))}; checked on first use)"
+        )
     return None
 
 
@@ -69,6 +116,7 @@ class OneDNNInt8Conv(Kernel):
             or symmetric_int8_problem(view.weight_spec)
             or u8_problem(spec)
             or opscheck.available(op)
+            or _grouped_problem(view.weight_shape, int(view.get("groups", "1")))
         )
 
     def __init__(self, layer: QModule) -> None:
