@@ -108,13 +108,20 @@ def _extends_forward(cls: type, base: type) -> bool:
     return code is not None and "super" in code.co_names and "forward" in code.co_names
 
 
-def _override_reason(module: nn.Module, methods: tuple[str, ...]) -> str | None:
+def _override_reason(
+    module: nn.Module, methods: tuple[str, ...], extendable: bool = True
+) -> str | None:
     cls = type(module)
     base = next((c for c in cls.__mro__ if c in QMODULES), None)
     if base is None:
         return None
     for name in methods:
-        if name == "forward" and "forward" not in module.__dict__ and _extends_forward(cls, base):
+        if (
+            extendable
+            and name == "forward"
+            and "forward" not in module.__dict__
+            and _extends_forward(cls, base)
+        ):
             continue  # twin_class() keeps this forward in front of the quantized one
         if name in module.__dict__:
             return (
@@ -147,7 +154,7 @@ def unswappable_reason(module: nn.Module) -> str | None:
         return None
     reason = _parametrized_reason(module) or _hook_reason(module)
     if not issubclass(qcls, QModule):  # a twin made of child layers (LSTM, attention)
-        return reason or _override_reason(module, ("forward",))
+        return reason or _override_reason(module, ("forward",), extendable=False)
     weight = module._parameters.get("weight")
     if reason is None and not isinstance(weight, nn.Parameter):
         reason = "its weight is not a parameter of its own (it is computed or set elsewhere)"
