@@ -358,27 +358,23 @@ def _conv1d_layer(layer: QModule) -> QModule:
     return cast(QModule, LinearForm(layer))
 
 
+class _OnConv1D(Kernel):
+    """A Linear kernel run on a transformers Conv1D layer through its (out, in) view."""
+
+    @classmethod
+    def unsupported(cls, view: LayerView, dtype: torch.dtype, device: torch.device) -> str | None:
+        return super().unsupported(as_linear_view(view), dtype, device)
+
+    def __init__(self, layer: QModule) -> None:
+        super().__init__(_conv1d_layer(layer))
+        self.layer = layer
+
+
 @register_kernel(HF_CONV1D)
-class OneDNNInt8Conv1D(OneDNNInt8Linear):
+class OneDNNInt8Conv1D(_OnConv1D, OneDNNInt8Linear):
     """:class:`OneDNNInt8Linear` on a transformers Conv1D layer (GPT-2's Linear)."""
 
-    @classmethod
-    def unsupported(cls, view: LayerView, dtype: torch.dtype, device: torch.device) -> str | None:
-        return super().unsupported(as_linear_view(view), dtype, device)
-
-    def __init__(self, layer: QModule) -> None:
-        super().__init__(_conv1d_layer(layer))
-        self.layer = layer
-
 
 @register_kernel(HF_CONV1D)
-class WeightOnlyInt8Conv1D(WeightOnlyInt8Linear):
+class WeightOnlyInt8Conv1D(_OnConv1D, WeightOnlyInt8Linear):
     """:class:`WeightOnlyInt8Linear` on a transformers Conv1D layer (GPT-2's Linear)."""
-
-    @classmethod
-    def unsupported(cls, view: LayerView, dtype: torch.dtype, device: torch.device) -> str | None:
-        return super().unsupported(as_linear_view(view), dtype, device)
-
-    def __init__(self, layer: QModule) -> None:
-        super().__init__(_conv1d_layer(layer))
-        self.layer = layer
