@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 _ONEDNN = torch.ops.onednn
+_QUANTIZED = torch.ops.quantized
 _ATEN = torch.ops.aten
 
 
@@ -82,6 +84,27 @@ def qlinear(
 
 
 # --- oneDNN int8 convolution ----------------------------------------------------------------
+def dynamic_linear_prepack(
+    weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> Any:
+    """fbgemm's packed form of a symmetric int8 ``(out, in)`` weight with per-tensor ``(1,)``
+    or per-channel ``(out,)`` scales and a float bias: torch.ao's dynamic Linear kernel."""
+    with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; the
+        warnings.simplefilter("ignore", UserWarning)  # self-test notices when they go
+        if w_scale.numel() == 1:
+            wq = torch._make_per_tensor_quantized_tensor(weight, float(w_scale), 0)
+        else:
+            zeros = torch.zeros(weight.shape[0], dtype=torch.long)
+            wq = torch._make_per_channel_quantized_tensor(weight, w_scale.double(), zeros, 0)
+        return _QUANTIZED.linear_prepack(wq, bias)
+
+
+def dynamic_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:
+    """float32 ``(rows, in)`` -> float32 ``(rows, out)``: ``x`` quantized to uint8 over its
+    own range (zero included, all 8 bits), the int8 GEMM, rescale and bias (fbgemm)."""
+    return _QUANTIZED.linear_dynamic(x, packed, False)
+
+
 def qconv_prepack(
     weight: torch.Tensor,
     w_scale: torch.Tensor,

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.runtime.ops import (
+    dynamic_linear,
+    dynamic_linear_prepack,
     int4_block_n,
     int4_from_packed_bytes,
     int4_mm,
@@ -127,7 +129,23 @@ def _test_int4() -> str | None:
     return _close(got, x.float() @ w.t(), 2e-2)
 
 
+def _test_dynamic_linear() -> str | None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (16, 32), dtype=torch.int8, generator=gen)
+    w_scale = torch.rand(16, generator=gen) / 100 + 1e-3
+    bias = torch.randn(16, generator=gen)
+    x = torch.randn(3, 32, generator=gen)
+    got = dynamic_linear(x, dynamic_linear_prepack(w, w_scale, bias))
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255
+    zero = round(-lo / scale)
+    xq = ((x / scale).round() + zero).clamp(0, 255)
+    want = ((xq - zero) * scale) @ (w.float() * w_scale[:, None]).t() + bias
+    return _close(got, want, 1e-2)
+
+
 SELF_TESTS: dict[str, Callable[[], str | None]] = {
+    "fbgemm_dynamic_linear": _test_dynamic_linear,
     "onednn_qlinear": _test_qlinear,
     "onednn_qconv2d": _test_qconv,
     "onednn_qconv1d": _test_qconv1d,
@@ -166,7 +184,7 @@ def self_test() -> dict[str, str | None]:
     """Every private op's self-test: op name -> None (works) or the problem.
 
     >>> sorted(self_test())  # doctest: +NORMALIZE_WHITESPACE
-    ['int4_mm', 'onednn_qconv1d', 'onednn_qconv2d', 'onednn_qconv3d', 'onednn_qlinear',
-     'weight_int8_mm']
+    ['fbgemm_dynamic_linear', 'int4_mm', 'onednn_qconv1d', 'onednn_qconv2d', 'onednn_qconv3d',
+     'onednn_qlinear', 'weight_int8_mm']
     """
     return {op: available(op) for op in SELF_TESTS}
