@@ -13,7 +13,7 @@ from lowbit.nn import QModule
 from lowbit.runtime import ops
 from lowbit.runtime.activation import ActivationGrid
 from lowbit.runtime.conv import OneDNNInt8Conv
-from lowbit.runtime.linear import OneDNNInt8Linear
+from lowbit.runtime.linear import FEW_ROWS, OneDNNInt8Linear
 
 __all__ = ["IntLayer", "QuantizeU8", "describe"]
 
@@ -279,8 +279,8 @@ class IntLayer(nn.Module):
     # --- helpers ----------------------------------------------------------------------------
     def _unfusable(self, x: torch.Tensor) -> bool:
         k = self.kernel
-        if isinstance(k, OneDNNInt8Linear):
-            return k.per_token
+        if isinstance(k, OneDNNInt8Linear):  # per token, or few rows (the kernel's own path)
+            return k.per_token or (k.few_rows and x.numel() <= FEW_ROWS * x.shape[-1])
         return x.ndim == k.spatial + 1  # an unbatched input
 
     def _float_out(self, dtype: torch.dtype) -> torch.dtype:
