@@ -120,7 +120,7 @@ class OneDNNInt8Linear(Kernel):
         super().__init__(layer)
         weight = _qweight(layer)
         ints = weight.int_repr().to(torch.int8)  # (out, in)
-        self.packed = ops.qlinear_prepack(ints)
+        self._packed: torch.Tensor | None = None  # oneDNN's packing, made on first use
         self.w_scale = weight.scale.reshape(-1).float().contiguous()  # (out,) or (1,)
         self.w_zero = torch.zeros(self.w_scale.shape, dtype=torch.int32)
         self.bias = _float_bias(layer)
@@ -160,6 +160,16 @@ class OneDNNInt8Linear(Kernel):
             q, scale, zero, self.packed, self.w_scale, self.w_zero, self.bias, torch.float32, relu
         )
         return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """oneDNN's packed weight, made on the first call that needs it (a layer only ever
+        called on a few rows holds fbgemm's packing alone)."""
+        if self._packed is None:
+            self._packed = ops.qlinear_prepack(
+                _qweight(self._weight_layer).int_repr().to(torch.int8)
+            )
+        return self._packed
 
     def _few(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
         """A few rows (batch 1, an RNN step): fbgemm's dynamic kernel, about 3x less overhead
