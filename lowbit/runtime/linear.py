@@ -83,7 +83,9 @@ def _qweight(layer: QModule) -> QTensor:
     return weight
 
 
-FEW_ROWS = 16  # at most this many rows: fbgemm's dynamic kernel (oneDNN's beyond)
+# at most this many rows: fbgemm's dynamic kernel; beyond, oneDNN's (faster on 64 rows and
+# more of a 1024x4096 layer, slower on one row)
+FEW_ROWS = 16
 
 
 def _few_rows_ok(grid: ActivationGrid) -> bool:
@@ -172,10 +174,11 @@ class OneDNNInt8Linear(Kernel):
         return self._packed
 
     def _few(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
-        """A few rows (batch 1, an RNN step): fbgemm's dynamic kernel, about 3x less overhead
-        per call than oneDNN's here, on the same uint8 grid over the input's own range (it
-        rounds ``x * (1 / scale)`` where the simulation rounds ``x / scale``: a value on a
-        rounding boundary may land one step over, > 50 dB of agreement)."""
+        """A few rows (batch 1, an RNN step): fbgemm's dynamic kernel, less overhead per call
+        than oneDNN's at that size (``benchmarks/mlp.py``, batch 1), on the same uint8 grid
+        over the input's own range (it rounds ``x * (1 / scale)`` where the simulation rounds
+        ``x / scale``: a value on a rounding boundary may land one step over, > 50 dB of
+        agreement)."""
         if self._few_rows_packed is None:
             ints = _qweight(self._weight_layer).int_repr().to(torch.int8)
             self._few_rows_packed = ops.dynamic_linear_prepack(ints, self.w_scale, self.bias)
