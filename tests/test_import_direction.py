@@ -25,6 +25,7 @@ RANKS = {
     "observers": 2,
     "nn": 3,
     "config": 4,
+    "recipe_yaml": 4,
     "fuse": 4,
     "api": 5,
     "algorithms": 6,
