@@ -34,6 +34,7 @@ from torch import nn
 import lowbit
 from benchmarks.harness import RESULTS, machine, setup, time_interleaved
 from lowbit.export import write_json
+from lowbit.report.evaluate import output_tensor
 
 RECIPES = ("w8a8", "w8a8-dynamic", "w4a16")
 Batch = Any
@@ -435,22 +436,10 @@ def _whisper_inputs(seed: int) -> Batch:
 # --- one row ----------------------------------------------------------------------------------
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, (tuple, list)):
-        for item in out:
-            if isinstance(item, torch.Tensor):
-                return item
-    raise TypeError(f"no tensor in the output {type(out).__name__}")
-
-
 def _run(model: nn.Module, batch: Batch) -> torch.Tensor:
     with torch.no_grad():
         out = model(**batch) if isinstance(batch, dict) else model(batch)
-    return _first_tensor(out).float()
+    return output_tensor(out).float()
 
 
 def _fp32_checkpoint_bytes(model: nn.Module) -> int:

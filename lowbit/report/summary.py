@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
 from lowbit.api import prepared_info
+from lowbit.export.summary import plain
 from lowbit.nn import QModule, QTensor, qmodule_class
 
 __all__ = ["LayerSummary", "ModelSummary", "summary"]
@@ -92,13 +92,13 @@ class ModelSummary:
         for layer in self.layers:
             stored = layer.dtype + (f" {layer.granularity}" if layer.granularity else "")
             table.add_row(
-                _plain(layer.name or "(model)"),
-                _plain(layer.kind),
+                plain(layer.name or "(model)"),
+                plain(layer.kind),
                 stored,
                 f"{layer.params:,}",
                 _size(layer.bytes),
                 _size(layer.float_bytes),
-                _plain(layer.note),
+                plain(layer.note),
             )
         return table
 
@@ -108,12 +108,6 @@ class ModelSummary:
         out = console.file
         assert isinstance(out, io.StringIO)
         return out.getvalue()
-
-
-def _plain(text: str) -> str:
-    """``text`` shown as it is: rich markup escaped, control characters as escapes."""
-    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-    return escape(shown)
 
 
 def _size(n: int) -> str:
@@ -129,7 +123,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _float_nbytes(t: torch.Tensor) -> int:
-    return t.numel() * torch.empty((), dtype=t.dtype).element_size()
+    return t.numel() * t.dtype.itemsize  # a QTensor's dtype is the float one it reads as
 
 
 def _direct_tensors(module: nn.Module) -> list[torch.Tensor]:
