@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a .lowbit file as an ONNX QDQ model")
     x.add_argument("file", help=".lowbit file")
-    x.add_argument("--model", required=True, help="MOD:FACTORY of the float architecture")
+    x.add_argument(
+        "--model", required=True, help="MOD:FACTORY of the float architecture, or hf:DIR"
+    )
     x.add_argument(
         "--example", required=True, help="input shape (1,1,28,28) or MOD:CALLABLE giving inputs"
     )
@@ -218,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     _app_dir_option(x)
     x.set_defaults(run=_cmd_export)
 
-    i = sub.add_parser("inspect", help="per-layer table of a .lowbit file")
+    i = sub.add_parser(
+        "inspect",
+        help="per-layer table of a .lowbit file: quantized layers, float leftovers and why",
+    )
     i.add_argument("file")
     i.set_defaults(run=_cmd_inspect)
 
