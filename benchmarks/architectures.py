@@ -493,7 +493,16 @@ def _load_back(arch: Arch, path: Path) -> nn.Module:
     return lowbit.load(path, arch.build())
 
 
-def try_one(arch: Arch, recipe: str, timing_runs: int) -> Result:
+def _recipe(name: str, float_embeddings: bool) -> lowbit.Recipe:
+    """A shipped recipe, with ``embedding: null`` when embeddings should stay float (what
+    torchao's rows do: it quantizes nn.Linear layers only)."""
+    recipe = lowbit.load_recipe(name)
+    if not float_embeddings:
+        return recipe
+    return lowbit.Recipe.from_dict({**recipe.to_dict(), "embedding": None})
+
+
+def try_one(arch: Arch, recipe: str, timing_runs: int, float_embeddings: bool = False) -> Result:
     """Quantize, run, save, load and compare one architecture with one recipe."""
     result = Result(arch.name, recipe, ok=False)
     stage = "build"
@@ -504,7 +513,7 @@ def try_one(arch: Arch, recipe: str, timing_runs: int) -> Result:
         stage = "quantize"
         reference = _run(model, batch)
         result.fp32_checkpoint_bytes = _fp32_checkpoint_bytes(model)
-        q = lowbit.quantize(model, recipe, data=calibration)
+        q = lowbit.quantize(model, _recipe(recipe, float_embeddings), data=calibration)
         stage = "run"
         out = _run(q, batch)
         result.sqnr_db = float(lowbit.sqnr_db(reference, out))
@@ -592,6 +601,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="architecture names to try (default: all)")
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
     parser.add_argument("--runs", type=int, default=10, help="timed rounds per row")
+    parser.add_argument(
+        "--float-embeddings",
+        action="store_true",
+        help="keep embeddings float (as torchao does), to compare SQNR like for like; "
+        "writes architectures-float-embeddings.json",
+    )
     args = parser.parse_args(argv)
     setup()
     results = []
@@ -599,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and arch.name not in args.only:
             continue
         for recipe in args.recipes:
-            result = try_one(arch, recipe, args.runs)
+            result = try_one(arch, recipe, args.runs, args.float_embeddings)
             print(
                 f"{arch.name:20s} {recipe:14s} {'ok' if result.ok else 'FAIL'} {result.error}",
                 flush=True,
@@ -607,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
     Console(width=200).print(table(results))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "architectures.json"
+    suffix = "-float-embeddings" if args.float_embeddings else ""
+    path = RESULTS / f"architectures{suffix}.json"
     write_json(path, {"machine": machine(), "rows": [asdict(r) for r in results]})
     print(f"wrote {path}")
     failed = [r for r in results if not r.ok]
