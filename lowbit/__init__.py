@@ -14,6 +14,7 @@ The whole life cycle in one call, then a packed file on disk:
 
 __version__ = "0.1.0"  # first: lowbit.export reads it while the names below are imported
 
+from lowbit import algorithms  # registers every PTQ algorithm (recipes name them)
 from lowbit.api import calibrate, convert, prepare, prepared_info, quantize, quantized_layers
 from lowbit.config import QuantConfig, Recipe, RecipeError, Rule, list_recipes, load_recipe
 from lowbit.export import CheckpointError, inspect, load, save, theoretical_size
@@ -39,6 +40,7 @@ __all__ = [
     "Rule",
     "SpecError",
     "__version__",
+    "algorithms",
     "calibrate",
     "compile",
     "convert",

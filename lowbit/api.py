@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.config import ALGORITHMS, QuantConfig, Recipe, RecipeError, load_recipe
+from lowbit.config import QuantConfig, Recipe, RecipeError, load_recipe
 from lowbit.fuse import FoldPair, find_foldable, fold_batchnorm
 from lowbit.nn import (
     QMODULES,
@@ -31,6 +32,7 @@ from lowbit.nn import (
 )
 from lowbit.nn.tied import WeightTies
 from lowbit.observers import make_observer
+from lowbit.recipe_steps import build as build_algorithms
 
 __all__ = [
     "PreparedInfo",
@@ -62,6 +64,9 @@ class PreparedInfo:
     folds: list[FoldPair] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     kept_float: dict[str, str] = field(default_factory=dict)
+    # layer name -> (mean, std) per output channel of its pre-activation output, from the
+    # batch norm folded into it (analytical bias correction reads them)
+    bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def prepared_info(model: nn.Module) -> PreparedInfo:
@@ -107,9 +112,11 @@ def _names_by_module(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _shared_config(recipe: Recipe, names: list[str], kind: str = "") -> QuantConfig | None:
+def _shared_config(
+    recipe: Recipe, names: list[str], kind: str = "", position: str = ""
+) -> QuantConfig | None:
     """The one config of a layer registered under ``names``: every name must agree."""
-    configs = [recipe.config_for(name, kind) for name in names]
+    configs = [recipe.config_for(name, kind, position) for name in names]
     for name, config in zip(names[1:], configs[1:], strict=True):
         if config != configs[0]:
             raise RecipeError(
@@ -125,6 +132,27 @@ def _why_float(recipe: Recipe, name: str, kind: str) -> str:
     if kind == "embedding" and not any(rule.matches(name) for rule in recipe.rules):
         return "the recipe has no embedding: section (add one to quantize embeddings weight-only)"
     return "a recipe rule keeps it in float (config: null)"
+
+
+def _bn_stats(
+    model: nn.Module, pairs: list[FoldPair]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per folded layer, the mean (beta) and spread (|gamma|) its batch norm gave its output."""
+    stats = {}
+    for pair in pairs:
+        bn = model.get_submodule(pair.bn)
+        weight, bias = getattr(bn, "weight", None), getattr(bn, "bias", None)
+        if isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor):
+            stats[pair.layer] = (bias.detach().clone(), weight.detach().abs().clone())
+    return stats
+
+
+def _edge_positions(candidates: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """``{name: "first" | "last"}`` for the first and last non-embedding layers (module order)."""
+    layers = [n for n, m in candidates if getattr(qmodule_class(m), "kind", "") != "embedding"]
+    if not layers:
+        return {}
+    return {layers[-1]: "last", layers[0]: "first"}  # one layer alone is "first"
 
 
 def _copy(model: M) -> M:
@@ -165,6 +193,7 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
     info = PreparedInfo(recipe)
     if recipe.fold_batchnorm:
         pairs, info.notes = find_foldable(model)
+        info.bn_stats = _bn_stats(model, pairs)
         info.folds = fold_batchnorm(model, pairs)
         for note in info.notes:
             logger.info("batch-norm folding: %s", note)
@@ -198,12 +227,14 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
         )
     aliases, placed = _names_by_module(model), set[str]()
     _check_rules(recipe, [alias for _, m in candidates for alias in aliases[id(m)]])
+    positions = _edge_positions(candidates)
     for name, module in candidates:
         names = aliases[id(module)]
         held = next((kept_float[n] for n in names if n in kept_float), None)
         qcls = qmodule_class(module)
         assert qcls is not None
-        config = _shared_config(recipe, names, qcls.kind) if held is None else None
+        where = positions.get(name, "")
+        config = _shared_config(recipe, names, qcls.kind, where) if held is None else None
         if config is None:
             info.kept_float[name] = held or _why_float(recipe, name, qcls.kind)
             continue
@@ -400,6 +431,18 @@ def _summary(model: nn.Module, info: PreparedInfo, before: int) -> str:
     )
 
 
+def _materialise(data: Iterable[Any] | None, num_batches: int | None) -> list[Any] | None:
+    """The calibration batches as a list read once, so calibration and every algorithm see
+    the same batches (a generator would be used up by the first reader)."""
+    if data is None:
+        return None
+    if isinstance(data, torch.Tensor):
+        return [data]
+    if isinstance(data, Mapping):
+        return [data]
+    return list(itertools.islice(data, num_batches))
+
+
 def quantize(
     model: M,
     recipe: RecipeLike = "w8a8",
@@ -407,13 +450,16 @@ def quantize(
     num_batches: int | None = None,
     progress: bool = False,
 ) -> M:
-    """Prepare, calibrate, run the recipe's algorithm and convert, on a copy of ``model``.
+    """Prepare, run the recipe's algorithms, calibrate and convert, on a copy of ``model``.
 
     The quantized copy comes back in eval mode, ready for inference; ``model`` is left as it
-    was. ``data`` is an iterable of calibration batches (see :func:`run_batch`),
-    ``num_batches`` caps how many are used and ``progress=True`` shows a progress bar over
-    them. One summary line is logged (``logging.INFO`` on ``lowbit.api``): layers quantized
-    and kept float, bytes before and after.
+    was. ``data`` is an iterable of calibration batches (see :func:`run_batch`), read once
+    into a list (``num_batches`` caps it) that calibration and every algorithm share;
+    ``progress=True`` shows progress bars. The recipe's algorithms that reshape float
+    weights (CLE, SmoothQuant, AWQ) run before calibration, those that choose roundings
+    (AdaRound, GPTQ, bias correction) after it. One summary line is logged
+    (``logging.INFO`` on ``lowbit.api``): layers quantized and kept float, bytes before and
+    after.
 
     >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> q = quantize(net, "w8a8", data=[torch.randn(16, 8)])
@@ -422,11 +468,18 @@ def quantize(
     """
     recipe = load_recipe(recipe)
     before = _nbytes(model)
+    batches = _materialise(data, num_batches)
+    algorithms = build_algorithms(recipe.steps)  # resolved now, from the registry
+    for algorithm in algorithms:
+        algorithm.progress = progress or getattr(algorithm, "progress", False)
     prepared = prepare(model, recipe)
-    calibrate(prepared, data, num_batches=num_batches, progress=progress)
-    if recipe.algorithm is not None:
-        algorithm = ALGORITHMS[recipe.algorithm](**dict(recipe.args))
-        algorithm.apply(prepared, data)
+    for algorithm in algorithms:
+        if algorithm.stage == "float":
+            algorithm.apply(prepared, batches)
+    calibrate(prepared, batches, progress=progress)
+    for algorithm in algorithms:
+        if algorithm.stage != "float":
+            algorithm.apply(prepared, batches)
     converted = convert(prepared, inplace=True)
     logger.info("%s", _summary(converted, prepared_info(converted), before))
     return converted

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from lowbit.observers import OBSERVERS, make_observer
+from lowbit.recipe_steps import ALGORITHMS, AlgorithmStep, parse_steps, steps_to_dict
 from lowbit.recipe_yaml import YAMLBoundError, load_bounded
 from lowbit.spec import PerGroup, QuantSpec, SpecError
 
@@ -25,11 +26,11 @@ __all__ = [
     "load_recipe",
     "list_recipes",
     "ALGORITHMS",
+    "SAME",
 ]
 
 RECIPE_VERSION = 1
-ALGORITHMS: dict[str, Any] = {}
-"""Algorithm name -> class; filled by ``lowbit.algorithms`` as each algorithm is defined."""
+SAME = "default"  # first:/last: not given: the first and last layers follow the other rules
 SPEC_KEYS = {"dtype", "bits", "granularity", "symmetric", "dynamic", "observer", "rounding"}
 
 
@@ -202,7 +203,12 @@ class Rule:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A default config, ordered rules (first match wins), an optional algorithm.
+    """A default config, ordered rules (first match wins), optional PTQ algorithms.
+
+    ``algorithm`` is None, a name or a sequence of names run in order (see
+    :mod:`lowbit.recipe_steps`); ``first`` and ``last`` give the first and last quantizable
+    layers (module order, embeddings aside) a config of their own without naming them (None
+    keeps them float; ``"default"`` treats them like the others). A rule naming a layer wins.
 
     >>> r = Recipe(QuantConfig(weight=QuantSpec("int8")), rules=(Rule("head", None),))
     >>> r.config_for("head") is None, r.config_for("body.0").weight.dtype.bits
@@ -211,35 +217,53 @@ class Recipe:
 
     default: QuantConfig | None
     rules: tuple[Rule, ...] = ()
-    algorithm: str | None = None
+    algorithm: str | tuple[str, ...] | None = None
     args: tuple[tuple[str, Any], ...] = ()
     name: str = "custom"
     description: str = ""
     fold_batchnorm: bool = True
     version: int = RECIPE_VERSION
     embedding: QuantConfig | None = None  # weight-only config of embeddings no rule matches
+    first: QuantConfig | str | None = SAME
+    last: QuantConfig | str | None = SAME
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
-        if isinstance(self.args, dict):
-            object.__setattr__(self, "args", tuple(sorted(self.args.items())))
+        if isinstance(self.algorithm, list):
+            object.__setattr__(self, "algorithm", tuple(self.algorithm))
         if self.version != RECIPE_VERSION:
             raise RecipeError(
                 f"recipe version {self.version} is not supported by this lowbit "
                 f"(it reads version {RECIPE_VERSION}); upgrade lowbit or rewrite the recipe"
             )
         _check_embedding(self.embedding, "recipe.embedding")
-        if self.algorithm is not None and self.algorithm not in ALGORITHMS:
-            known = ", ".join(sorted(ALGORITHMS)) or "none yet"
-            raise RecipeError(
-                f"algorithm {self.algorithm!r} is unknown; available: {known} "
-                "(or algorithm: null for plain calibration)"
-            )
+        for key in ("first", "last"):
+            value = getattr(self, key)
+            if value != SAME and value is not None and not isinstance(value, QuantConfig):
+                raise RecipeError(
+                    f"recipe.{key} must be a QuantConfig, None (float) or {SAME!r}, got "
+                    f"{_short(value)}"
+                )
+        try:
+            steps = parse_steps(self.algorithm, self.args)
+        except SpecError as err:
+            raise RecipeError(str(err)) from None
+        object.__setattr__(self, "args", _flat_args(steps))
 
-    def config_for(self, name: str, kind: str = "") -> QuantConfig | None:
+    @property
+    def steps(self) -> tuple[AlgorithmStep, ...]:
+        """The algorithms to run, in order, each with its arguments.
+
+        >>> load_recipe("w8a8").steps
+        ()
+        """
+        return parse_steps(self.algorithm, self.args)
+
+    def config_for(self, name: str, kind: str = "", position: str = "") -> QuantConfig | None:
         """The config of the first rule matching ``name``, else the default; a layer of
-        ``kind`` ``"embedding"`` that no rule matches gets ``embedding`` instead. An
-        embedding's input is indices: a config with an input spec for one is an error.
+        ``kind`` ``"embedding"`` that no rule matches gets ``embedding`` instead, and the
+        layer at ``position`` ``"first"`` or ``"last"`` gets that section when the recipe has
+        one. An embedding's input is indices: a config with an input spec for one is an error.
 
         >>> r = load_recipe("w4a16")
         >>> r.config_for("wte", "embedding").weight.gran, r.config_for("fc").input is None
@@ -247,7 +271,10 @@ class Recipe:
         """
         found = next((rule for rule in self.rules if rule.matches(name)), None)
         if found is None:
-            return self.embedding if kind == "embedding" else self.default
+            if kind == "embedding":
+                return self.embedding
+            edge = getattr(self, position, SAME) if position in ("first", "last") else SAME
+            return self.default if edge == SAME else edge  # type: ignore[return-value]
         if kind == "embedding" and found.config is not None and found.config.input is not None:
             raise RecipeError(
                 f"rule match={found.match!r} gives the embedding {name!r} an input spec, but "
@@ -268,10 +295,14 @@ class Recipe:
                 {"match": r.match, "config": r.config.to_dict() if r.config else None}
                 for r in self.rules
             ],
-            "algorithm": self.algorithm,
-            "args": dict(self.args),
+            **dict(zip(("algorithm", "args"), steps_to_dict(self.steps), strict=True)),
             "fold_batchnorm": self.fold_batchnorm,
             "embedding": self.embedding.to_dict() if self.embedding else None,
+            **{
+                key: _edge_dict(getattr(self, key))
+                for key in ("first", "last")
+                if getattr(self, key) != SAME
+            },
         }
 
     @classmethod
@@ -287,6 +318,8 @@ class Recipe:
             "args",
             "fold_batchnorm",
             "embedding",
+            "first",
+            "last",
         }
         data = _only_keys(data, allowed, where)
         if "default" not in data:
@@ -323,6 +356,10 @@ class Recipe:
                 f"{where}.args: expected a mapping of algorithm argument names to values "
                 f"(e.g. args: {{damp: 0.01}}), got {_short(args)}"
             )
+        try:
+            parse_steps(data.get("algorithm"), args, where)
+        except SpecError as err:
+            raise RecipeError(str(err)) from None
         version = data.get("version", RECIPE_VERSION)
         if not isinstance(version, int) or isinstance(version, bool):
             raise RecipeError(
@@ -339,13 +376,15 @@ class Recipe:
                 QuantConfig.from_dict(default, f"{where}.default") if default is not None else None
             ),
             rules=tuple(rules),
-            algorithm=data.get("algorithm"),
+            algorithm=_algorithm_names(data.get("algorithm")),
             args=tuple(sorted(args.items())),
             name=data.get("name", "custom"),
             description=data.get("description", ""),
             fold_batchnorm=fold,
             version=version,
             embedding=_read_embedding(data.get("embedding"), f"{where}.embedding"),
+            first=_read_edge(data, "first", where),
+            last=_read_edge(data, "last", where),
         )
 
     def to_yaml(self) -> str:
@@ -385,11 +424,36 @@ def _check_scalars(data: dict[str, Any], where: str) -> None:
                 f"{_short(data[key])}; quote it if YAML reads it as something else"
             )
     algorithm = data.get("algorithm")
-    if algorithm is not None and not isinstance(algorithm, str):
+    names_ok = isinstance(algorithm, list) and all(isinstance(a, str) for a in algorithm)
+    if algorithm is not None and not isinstance(algorithm, str) and not names_ok:
         raise RecipeError(
-            f"{where}.algorithm: expected an algorithm name or null, got "
+            f"{where}.algorithm: expected an algorithm name, a list of names or null, got "
             f"{type(algorithm).__name__} {_short(algorithm)}"
         )
+
+
+def _algorithm_names(algorithm: Any) -> str | tuple[str, ...] | None:
+    return tuple(algorithm) if isinstance(algorithm, list) else algorithm
+
+
+def _flat_args(steps: tuple[AlgorithmStep, ...]) -> tuple[tuple[str, Any], ...]:
+    """``args`` stored as a sorted, hashable tuple (keyed by name for several steps)."""
+    if len(steps) == 1:
+        return steps[0][1]
+    return tuple(sorted((name, args) for name, args in steps if args))
+
+
+def _edge_dict(value: QuantConfig | str | None) -> dict[str, Any] | None:
+    return value.to_dict() if isinstance(value, QuantConfig) else None
+
+
+def _read_edge(data: dict[str, Any], key: str, where: str) -> QuantConfig | str | None:
+    """``first:``/``last:``: absent or ``default`` (like the others), null (float) or a config."""
+    if key not in data or data[key] == SAME:
+        return SAME
+    if data[key] is None:
+        return None
+    return QuantConfig.from_dict(data[key], f"{where}.{key}")
 
 
 def _weight_only(where: str) -> RecipeError:

@@ -26,6 +26,7 @@ RANKS = {
     "nn": 3,
     "config": 4,
     "recipe_yaml": 4,
+    "recipe_steps": 4,
     "fuse": 4,
     "api": 5,
     "algorithms": 6,
