@@ -224,9 +224,14 @@ def onnxruntime_dynamic(
 
 
 def onnxruntime_static(
-    model: nn.Module, calibration: list[torch.Tensor], folder: Path
+    model: nn.Module,
+    calibration: list[torch.Tensor],
+    folder: Path,
+    weight_type: str = "QInt8",
+    activation_type: str = "QUInt8",
 ) -> list[tuple[Row, Run]]:
-    """onnxruntime ``quantize_static``: QDQ, int8 per-channel weights, uint8 activations."""
+    """onnxruntime ``quantize_static``: QDQ, per-channel weights of ``weight_type`` (a
+    ``QuantType`` name: QInt8, QInt4, ...), activations of ``activation_type``."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -246,7 +251,8 @@ def onnxruntime_static(
 
     start = time.perf_counter()
     fp32 = export_fp32(model, calibration[0], folder / "static_fp32.onnx")
-    pre, q_path = folder / "static_pre.onnx", folder / "static_int8.onnx"
+    tag = f"{weight_type}_{activation_type}".lower()
+    pre, q_path = folder / "static_pre.onnx", folder / f"static_{tag}.onnx"
     quant_pre_process(str(fp32), str(pre))
     quantize_static(
         str(pre),
@@ -254,17 +260,20 @@ def onnxruntime_static(
         Reader(),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
+        activation_type=getattr(QuantType, activation_type),
+        weight_type=getattr(QuantType, weight_type),
         calibrate_method=CalibrationMethod.MinMax,
     )
     seconds = time.perf_counter() - start
+    method = "static QDQ int8"
+    if (weight_type, activation_type) != ("QInt8", "QUInt8"):
+        method = f"static QDQ w:{weight_type[1:].lower()} a:{activation_type[1:].lower()}"
     return [
         (
             Row(
                 "",
                 "onnxruntime",
-                "static QDQ int8",
+                method,
                 "onnxruntime",
                 file_bytes=q_path.stat().st_size,
                 quantize_s=seconds,
