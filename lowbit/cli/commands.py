@@ -132,13 +132,15 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> None:
 
 
 def _cmd_recipes(args: argparse.Namespace, console: Console) -> None:
-    from lowbit.config import list_recipes
+    from lowbit.config import list_recipes, load_recipe
 
     table = Table(title="shipped recipes")
     table.add_column("name", style="bold")
+    table.add_column("algorithms")
     table.add_column("what it does")
     for name, description in list_recipes().items():
-        table.add_row(name, description)
+        steps = " → ".join(step for step, _ in load_recipe(name).steps) or "—"
+        table.add_row(name, steps, description)
     console.print(table)
 
 
