@@ -26,3 +26,5 @@ __all__ = [
     "run_all",
     "weight_layers",
 ]
+from lowbit.algorithms import bias_correction as bias_correction  # noqa: E402,F401
+from lowbit.algorithms import cle as cle  # noqa: E402,F401
