@@ -32,10 +32,12 @@ SQNR_FLOOR_DB = {
     "w8a8-dynamic-token": 42.0,
     "w8a8": 40.0,
     "w8a8-pertensor": 40.0,
+    "w8a8-smoothquant": 40.0,
     "w8a8-pertensor-cle": 40.0,
     "w4a8": 21.0,
     "w4a16": 21.0,
     "w4a16-g128": 21.0,
+    "w4a16-awq": 21.0,
     "w2a8": 7.0,
 }
 RECIPES = sorted(list_recipes())
