@@ -12,6 +12,8 @@ mode). Measured when the floors were set, on this test's seed and [min over 6 se
     w4a16           27.5  [25.7]      floor 21
     w4a16-g128      27.6  [26.1]      floor 21   (groups of 128 cover this model's small layers)
     w2a8            11.6  [10.4]      floor 7   (low but finite)
+    w4a16-gptq      43.0  [40.2]      floor 34
+    w3a16-gptq      34.9  [32.8]      floor 27
 
 A new shipped recipe must add its own measured floor here.
 """
@@ -39,6 +41,8 @@ SQNR_FLOOR_DB = {
     "w4a16-g128": 21.0,
     "w4a16-awq": 21.0,
     "w2a8": 7.0,
+    "w4a16-gptq": 34.0,
+    "w3a16-gptq": 27.0,
 }
 RECIPES = sorted(list_recipes())
 

@@ -29,4 +29,5 @@ __all__ = [
 from lowbit.algorithms import awq as awq  # noqa: E402,F401
 from lowbit.algorithms import bias_correction as bias_correction  # noqa: E402,F401
 from lowbit.algorithms import cle as cle  # noqa: E402,F401
+from lowbit.algorithms import gptq as gptq  # noqa: E402,F401
 from lowbit.algorithms import smoothquant as smoothquant  # noqa: E402,F401
