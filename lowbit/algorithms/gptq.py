@@ -12,7 +12,9 @@ Layers run one after another (``weight_layers`` order): each layer's Hessian com
 it receives with every layer before it already rounded by GPTQ, one model pass per layer, so
 memory stays one ``(cols, cols)`` matrix whatever the model. The per-layer object keeps the
 reference implementation's shape: :class:`GPTQLayer` with ``add_batch(x)`` and ``solve()``;
-the math is in pure functions (:func:`prepare_hessian`, :func:`gptq_sweep`, :func:`gptq_solve`).
+the math is in pure functions (:mod:`lowbit.algorithms.hessian`: the layer as a matrix, its
+Hessian, the sweep). ``refit_groups`` (off by default) refits each per_group grid as the
+sweep reaches it, like the reference without static groups, and stores the new qparams.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from lowbit.algorithms.base import (
 from lowbit.algorithms.capture import capture_inputs
 from lowbit.algorithms.hessian import (
     Hessian,
+    Refit,
+    gptq_solve,
     grid_matrices,
     input_columns,
     matrix_to_weight,
@@ -45,15 +49,14 @@ from lowbit.algorithms.hessian import (
     weight_matrix,
 )
 from lowbit.nn import QModule
+from lowbit.observers import make_observer
+from lowbit.spec import PerGroup
 
 __all__ = [
     "GPTQConfig",
     "GPTQ",
     "GPTQLayer",
     "GPTQResult",
-    "prepare_hessian",
-    "gptq_sweep",
-    "gptq_solve",
 ]
 
 RETRY_DAMP = 10.0  # a Cholesky failure retries once with this many times the damping
@@ -66,7 +69,9 @@ class GPTQConfig:
     ``damp``: added to the Hessian's diagonal, as a fraction of its mean; ``block_size``:
     columns per lazy batch; ``act_order``: round the most active input columns first;
     ``min_samples``: calibration samples required; ``budget_s``: time budget in seconds (the
-    layers left when it is spent keep round-to-nearest, with a note).
+    layers left when it is spent keep round-to-nearest, with a note); ``refit_groups``: refit
+    each per_group grid from the updated weights as the sweep reaches it (needs
+    ``act_order: false``; the calibrated grid is kept otherwise).
 
     >>> GPTQConfig(damp=0.05).act_order
     True
@@ -81,6 +86,7 @@ class GPTQConfig:
     act_order: bool = True
     min_samples: int = 16
     budget_s: float | None = None
+    refit_groups: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.damp < 1.0:
@@ -96,124 +102,26 @@ class GPTQConfig:
             raise ValueError(f"act_order must be true or false, got {self.act_order!r}")
         if not isinstance(self.min_samples, int) or self.min_samples < 1:
             raise ValueError(f"min_samples must be a positive integer, got {self.min_samples!r}")
+        if self.refit_groups and self.act_order:
+            raise ValueError(
+                "refit_groups needs act_order: false (a refitted group must be contiguous "
+                "columns); set one of them to false"
+            )
         if self.budget_s is not None and not self.budget_s > 0:
             raise ValueError(
                 f"budget_s must be a positive number of seconds or null, got {self.budget_s}"
             )
 
 
-def prepare_hessian(
-    h: torch.Tensor, w: torch.Tensor, damp: float, act_order: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The damped Hessian, the weight with dead inputs zeroed, and the column order.
-
-    A dead input (never nonzero: Hessian diagonal 0) gets diagonal 1 and its weight column 0;
-    ``act_order`` sorts columns by decreasing diagonal. Returns ``(h, w, perm)`` already
-    permuted (``w[:, perm]``).
-
-    >>> h, w, perm = prepare_hessian(torch.diag(torch.tensor([1.0, 0.0, 4.0])),
-    ...                              torch.ones(2, 3), damp=0.01, act_order=True)
-    >>> perm.tolist(), w[0].tolist()
-    ([2, 0, 1], [1.0, 1.0, 0.0])
-    """
-    h, w = h.clone(), w.clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    if act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-    else:
-        perm = torch.arange(h.shape[0], device=h.device)
-    h = h[perm][:, perm]
-    w = w[:, perm]
-    idx = torch.arange(h.shape[0], device=h.device)
-    h[idx, idx] += damp * torch.mean(torch.diagonal(h))
-    return h, w, perm
-
-
-def gptq_sweep(
-    w: torch.Tensor,
-    hinv: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    block_size: int = 128,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round ``w`` (rows, cols) column by column on the grid ``scale``/``zero`` (rows, cols),
-    spreading each column's error over the later ones through ``hinv``, the upper Cholesky
-    factor of the inverse Hessian. Returns the integers (rows, cols) and the loss
-    ``sum (w - q)^2 / hinv_ii^2 / 2``.
-
-    >>> w = torch.tensor([[0.4, 0.4]]); ones = torch.ones(1, 2)
-    >>> hinv = torch.linalg.cholesky(torch.linalg.inv(torch.tensor([[1.0, 0.9], [0.9, 1.0]])),
-    ...                              upper=True)
-    >>> gptq_sweep(w, hinv, ones, 0 * ones, -8, 7)[0].tolist()  # round-to-nearest gives [0, 0]
-    [[0, 1]]
-    """
-    w = w.clone()
-    q = torch.zeros_like(w)
-    loss = torch.zeros((), device=w.device)
-    cols = w.shape[1]
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()  # (rows, b)
-        err = torch.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]  # (b, b)
-        for i in range(i2 - i1):
-            col, s, z, d = w1[:, i], scale[:, i1 + i], zero[:, i1 + i], h1[i, i]
-            qi = torch.clamp(torch.round(col / s) + z, qmin, qmax)
-            q[:, i1 + i] = qi
-            e = (col - (qi - z) * s) / d
-            loss += (e * e).sum() / 2
-            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)  # (rows, 1) * (1, b-i)
-            err[:, i] = e
-        w[:, i2:] -= err @ hinv[i1:i2, i2:]  # (rows, b) @ (b, cols-i2)
-    return q.to(torch.int32), loss
-
-
-def gptq_solve(
-    w: torch.Tensor,
-    h: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    damp: float = 0.01,
-    block_size: int = 128,
-    act_order: bool = True,
-) -> tuple[torch.Tensor, float]:
-    """GPTQ integers for one ``(rows, cols)`` matrix ``w`` with Hessian ``h`` (cols, cols) on
-    the per-element grid ``scale``/``zero``; raises ``torch.linalg.LinAlgError`` when the
-    damped Hessian is not positive definite.
-
-    >>> g = torch.Generator().manual_seed(0)
-    >>> x, w = torch.randn(64, 8, generator=g), torch.randn(4, 8, generator=g)
-    >>> s, z = torch.full((4, 8), 0.5), torch.zeros(4, 8)
-    >>> q, loss = gptq_solve(w, 2 * x.T @ x / 64, s, z, -8, 7)
-    >>> rtn = torch.clamp(torch.round(w / s), -8, 7)
-    >>> err = lambda q: ((x @ (w - q * s).T) ** 2).sum().item()
-    >>> err(q.float()) < err(rtn)
-    True
-    """
-    hd, wp, perm = prepare_hessian(h.float(), w.float(), damp, act_order)
-    chol = torch.linalg.cholesky(hd)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
-    qp, loss = gptq_sweep(
-        wp, hinv, scale[:, perm].float(), zero[:, perm].float(), qmin, qmax, block_size
-    )
-    q = torch.empty_like(qp)
-    q[:, perm] = qp
-    return q, float(loss)
-
-
 @dataclass
 class GPTQResult:
-    """What :meth:`GPTQLayer.solve` chose: integers in the weight's shape, the loss, notes."""
+    """What :meth:`GPTQLayer.solve` chose: integers in the weight's shape, the loss, notes,
+    and the refitted qparams (quantizer shapes) when ``refit_groups`` changed them."""
 
     integers: torch.Tensor
     loss: float
     notes: list[str]
+    qparams: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class GPTQLayer:
@@ -265,21 +173,62 @@ class GPTQLayer:
             )
         return h
 
-    def _solve_all(self, damp: float) -> tuple[torch.Tensor, float]:
+    def _refit(self) -> Refit | None:
+        wq = self.layer.weight_quantizer
+        assert wq is not None
+        gran = wq.spec.gran
+        if not self.config.refit_groups or not isinstance(gran, PerGroup):
+            return None
+        if self.layer.kind == "hf_conv1d":  # its groups run along outputs, not input columns
+            return None
+
+        def fit(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            observer = make_observer(wq.spec)
+            observer(cols)  # (rows, <= group_size): one group per row
+            scale, zero = observer.qparams()  # (rows, 1)
+            return scale.reshape(-1), zero.reshape(-1).float()  # (rows,)
+
+        return gran.group_size, fit
+
+    def _solve_all(self, damp: float) -> GPTQResult:
         layer, wq = self.layer, self.layer.weight_quantizer
         assert wq is not None
         w = weight_matrix(layer, layer.weight.detach().float())  # (groups, rows, cols)
         scale, zero = grid_matrices(layer)
-        h, cfg = self._check(), self.config
+        h, cfg, refit = self._check(), self.config, self._refit()
         qmin, qmax = wq.spec.qdtype.qmin, wq.spec.qdtype.qmax
-        parts, total = [], 0.0
-        for g in range(w.shape[0]):
-            q, loss = gptq_solve(
-                w[g], h[g], scale[g], zero[g], qmin, qmax, damp, cfg.block_size, cfg.act_order
+        sweeps = [
+            gptq_solve(
+                w[g],
+                h[g],
+                scale[g],
+                zero[g],
+                qmin,
+                qmax,
+                damp,
+                cfg.block_size,
+                cfg.act_order,
+                refit,
             )
-            parts.append(q)
-            total += loss
-        return matrix_to_weight(layer, torch.stack(parts)), total
+            for g in range(w.shape[0])
+        ]
+        q = matrix_to_weight(layer, torch.stack([sw.integers for sw in sweeps]))
+        result = GPTQResult(q, sum(sw.loss for sw in sweeps), [])
+        if refit is not None:
+            size = refit[0]
+            new_s = matrix_to_weight(layer, torch.stack([sw.scale for sw in sweeps]))
+            new_z = matrix_to_weight(layer, torch.stack([sw.zero for sw in sweeps]))
+            first = slice(None, None, size)  # each group's first column holds its qparams
+            result.qparams = (
+                new_s.reshape(q.shape[0], -1)[:, first],  # (out, groups)
+                new_z.reshape(q.shape[0], -1)[:, first].round().to(torch.int32),
+            )
+        elif cfg.refit_groups:
+            result.notes.append(
+                f"{self.name}: refit_groups applies to per_group Linear/Conv weights; it keeps "
+                "its calibrated grid"
+            )
+        return result
 
     def solve(self) -> GPTQResult:
         """The integers GPTQ chooses for the layer's weight on its calibrated grid; a
@@ -287,13 +236,12 @@ class GPTQLayer:
         :class:`AlgorithmError` naming the layer."""
         damp = self.config.damp
         try:
-            q, loss = self._solve_all(damp)
-            return GPTQResult(q, loss, [])
+            return self._solve_all(damp)
         except torch.linalg.LinAlgError:
             pass
         more = min(damp * RETRY_DAMP, 0.99)
         try:
-            q, loss = self._solve_all(more)
+            result = self._solve_all(more)
         except torch.linalg.LinAlgError:
             raise AlgorithmError(
                 f"gptq: layer {self.name!r}: the Cholesky factorisation of its Hessian failed "
@@ -301,7 +249,8 @@ class GPTQLayer:
                 "args, or give more (and more varied) calibration samples"
             ) from None
         note = f"{self.name}: Cholesky failed with damp={damp:g}; solved with damp={more:g}"
-        return GPTQResult(q, loss, [note])
+        result.notes.insert(0, note)
+        return result
 
 
 class _Reached(Exception):
@@ -385,6 +334,9 @@ class GPTQ(AlgorithmBase):
             )
             return
         result = state.solve()
+        if result.qparams is not None:
+            assert layer.weight_quantizer is not None
+            layer.weight_quantizer.set_qparams(*result.qparams)
         set_rounded_weight(layer, result.integers)
         loop.loss(result.loss)
         for note in result.notes:

@@ -238,6 +238,7 @@ def test_unsupported_layers_keep_round_to_nearest_with_a_note() -> None:
         ({"block_size": 0}, "block_size must be a positive integer"),
         ({"min_samples": 0}, "min_samples"),
         ({"budget_s": -1.0}, "budget_s"),
+        ({"refit_groups": True}, "refit_groups needs act_order: false"),
     ],
 )
 def test_config_errors_name_the_field(args: dict[str, Any], message: str) -> None:
@@ -256,3 +257,20 @@ def test_passes_stop_once_the_target_layer_has_its_input() -> None:
     finally:
         handle.remove()
     assert len(calls) == 1 + 1 + 4  # layers 0 and 2: first batch only; layer 4: every batch
+
+
+def test_refit_groups_beats_round_to_nearest_and_stores_its_qparams() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    calib, test = _linear_inputs(256, 64, 1), _linear_inputs(256, 64, 2)
+    recipe = _recipe(WEIGHTS["int4-per_group"])
+    rtn, gptq = _rtn_and_gptq(layer, recipe, calib, test, act_order=False, refit_groups=True)
+    assert gptq > rtn + 1.0, f"GPTQ {gptq:.2f} dB vs RTN {rtn:.2f} dB"
+    model = lowbit.prepare(nn.Sequential(layer), recipe)
+    lowbit.calibrate(model, list(calib.split(32)))
+    calibrated = model[0].weight_quantizer.scale.clone()
+    GPTQ(GPTQConfig(act_order=False, refit_groups=True)).apply(model, list(calib.split(32)))
+    assert model[0].weight_quantizer.scale.shape == calibrated.shape == (32, 4)
+    assert not torch.equal(model[0].weight_quantizer.scale, calibrated)
+    frozen = lowbit.convert(model)
+    assert torch.equal(frozen[0].weight.int_repr().to(torch.int32), rtn_integers(model[0]))
