@@ -26,6 +26,7 @@ __all__ = [
     "run_all",
     "weight_layers",
 ]
+from lowbit.algorithms import adaround as adaround  # noqa: E402,F401
 from lowbit.algorithms import awq as awq  # noqa: E402,F401
 from lowbit.algorithms import bias_correction as bias_correction  # noqa: E402,F401
 from lowbit.algorithms import cle as cle  # noqa: E402,F401
