@@ -1,4 +1,5 @@
-"""Offline datasets (Fashion-MNIST, MNIST, digits, CIFAR-10 folders) and a small model zoo.
+"""Offline datasets (Fashion-MNIST, MNIST, digits, CIFAR-10 folders, Shakespeare) and a small
+model zoo (MLP, LeNet-5, a small ResNet, a small MobileNetV2, a tiny character-level GPT).
 
 Nothing is loaded at import; every loader reads its files when called.
 """
@@ -19,8 +20,24 @@ from lowbit.data.datasets import (
     load_mnist,
     normalize_images,
 )
+from lowbit.data.gpt import (
+    GPT_RECIPE,
+    GPTRecipe,
+    TinyGPT,
+    perplexity,
+    pretrained_tiny_gpt,
+    text_calibration_batches,
+)
 from lowbit.data.idx import IDXFormatError, parse_idx, read_idx, write_idx
+from lowbit.data.mobilenet import (
+    MOBILENET_FASHION_RECIPE,
+    InvertedResidual,
+    MobileNetRecipe,
+    MobileNetV2Small,
+    pretrained_mobilenet_fashion_mnist,
+)
 from lowbit.data.safe_pickle import RestrictedUnpickler, UnsafePickleError, safe_load, safe_loads
+from lowbit.data.text import load_shakespeare
 from lowbit.data.training import (
     FASHION_RESNET_RECIPE,
     TrainRecipe,
@@ -34,6 +51,18 @@ from lowbit.data.training import (
 from lowbit.data.zoo import MLP, MODELS, BasicBlock, LeNet5, SmallResNet, create_model
 
 __all__ = [
+    "GPT_RECIPE",
+    "GPTRecipe",
+    "InvertedResidual",
+    "MOBILENET_FASHION_RECIPE",
+    "MobileNetRecipe",
+    "MobileNetV2Small",
+    "TinyGPT",
+    "load_shakespeare",
+    "perplexity",
+    "pretrained_mobilenet_fashion_mnist",
+    "pretrained_tiny_gpt",
+    "text_calibration_batches",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "DIGITS_MEAN",
