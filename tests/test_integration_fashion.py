@@ -122,8 +122,16 @@ def trained_mlp(
     torch.manual_seed(0)
     train_x, train_y = load_fashion_mnist("train")
     model = MLP(784, (256, 128), 10)
-    train(model, train_x[:6000], train_y[:6000], epochs=3, batch_size=64, lr=1e-3,
-          optimizer="adam", progress=False)
+    train(
+        model,
+        train_x[:6000],
+        train_y[:6000],
+        epochs=3,
+        batch_size=64,
+        lr=1e-3,
+        optimizer="adam",
+        progress=False,
+    )
     return model.eval()
 
 

@@ -124,8 +124,9 @@ def test_damaged_state_is_refused_naming_the_tensor() -> None:
     state = write_qtensor(q8, "w.")
     state["w.qdata"] = torch.full((6, 20), -128, dtype=torch.int8)
     with pytest.raises(ValueError, match="outside the int8 range"):
-        read_weight(state, "w.", QuantSpec("int8", "per_channel", narrow_range=True), (6, 20),
-                    torch.float32)
+        read_weight(
+            state, "w.", QuantSpec("int8", "per_channel", narrow_range=True), (6, 20), torch.float32
+        )
     state = write_qtensor(QTensor.quantize(_weight(), SPECS["uint8-tensor"]), "w.")
     del state["w.zero_point"]
     with pytest.raises(ValueError, match="missing key 'w.zero_point'"):

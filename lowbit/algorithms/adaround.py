@@ -141,6 +141,10 @@ class Rounding(nn.Module):
     True
     """
 
+    scale: torch.Tensor
+    zero: torch.Tensor
+    floor: torch.Tensor
+
     def __init__(self, layer: QModule) -> None:
         super().__init__()
         wq = layer.weight_quantizer
@@ -298,10 +302,12 @@ class AdaRound(AlgorithmBase):
     def apply(self, model: nn.Module, data: Sequence[Any] | None) -> None:
         """Learn the roundings unit by unit, in module order."""
         batches = require_data(data, self.name, self.config.min_samples)
-        layers, skipped = {}, []
+        layers: dict[str, QModule] = {}
+        skipped: list[str] = []
         for name, layer in weight_layers(model).items():
-            (layers if layer.kind in KINDS else {})[name] = layer
-            if layer.kind not in KINDS:
+            if layer.kind in KINDS:
+                layers[name] = layer
+            else:
                 skipped.append(f"{name} ({layer.kind})")
         if skipped:
             add_note(

@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -222,8 +223,12 @@ def _train(model: TinyGPT, recipe: GPTRecipe, progress: bool) -> None:
     gen = torch.Generator().manual_seed(recipe.seed)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
+    groups: list[dict[str, Any]] = [
+        {"params": decay, "weight_decay": recipe.weight_decay},
+        {"params": rest},  # AdamW's default decay
+    ]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": rest}],
+        groups,
         lr=recipe.lr,
         betas=(0.9, 0.99),
     )
