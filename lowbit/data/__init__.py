@@ -31,9 +31,7 @@ from lowbit.data.gpt import (
 from lowbit.data.idx import IDXFormatError, parse_idx, read_idx, write_idx
 from lowbit.data.mobilenet import (
     MOBILENET_FASHION_RECIPE,
-    InvertedResidual,
     MobileNetRecipe,
-    MobileNetV2Small,
     pretrained_mobilenet_fashion_mnist,
 )
 from lowbit.data.safe_pickle import RestrictedUnpickler, UnsafePickleError, safe_load, safe_loads
@@ -48,7 +46,16 @@ from lowbit.data.training import (
     save_weights,
     train,
 )
-from lowbit.data.zoo import MLP, MODELS, BasicBlock, LeNet5, SmallResNet, create_model
+from lowbit.data.zoo import (
+    MLP,
+    MODELS,
+    BasicBlock,
+    InvertedResidual,
+    LeNet5,
+    MobileNetV2Small,
+    SmallResNet,
+    create_model,
+)
 
 __all__ = [
     "GPT_RECIPE",

@@ -96,6 +96,11 @@ def train(
     model.to(memory_format=fmt).train()  # type: ignore[call-overload]  # missing from stubs
     opt = _make_optimizer(model, optimizer, lr, weight_decay, momentum)
     steps_per_epoch = -(-len(train_x) // batch_size)
+    if pct_start * epochs * steps_per_epoch == 1:  # OneCycleLR's warm-up phase would be empty
+        raise ValueError(
+            f"train: pct_start={pct_start} of {epochs * steps_per_epoch} steps is a single step, "
+            "which OneCycleLR cannot schedule; change batch_size, epochs or pct_start"
+        )
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=pct_start
     )

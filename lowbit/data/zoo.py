@@ -1,8 +1,10 @@
-"""A small zoo of hand-written models for tests and benchmarks: an MLP, LeNet-5 and a small ResNet.
+"""A small zoo of hand-written models for tests and benchmarks: an MLP, LeNet-5, a small ResNet
+and a small MobileNetV2.
 
 Every model carries ``input_shape`` (channels, height, width) so callers can build example inputs
-for calibration or export. Activations are ``nn.ReLU`` modules (not functional calls) and residual
-adds are plain ``out + identity``, the shapes quantization tooling expects to find.
+for calibration or export. Activations are ``nn.ReLU`` / ``nn.ReLU6`` modules (not functional
+calls) and residual adds are plain ``out + identity``, the shapes quantization tooling (torch.fx
+tracing, batch-norm folding) expects to find.
 """
 
 from __future__ import annotations
@@ -14,7 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MLP", "MODELS", "BasicBlock", "LeNet5", "SmallResNet", "create_model"]
+__all__ = [
+    "MLP",
+    "MODELS",
+    "BasicBlock",
+    "InvertedResidual",
+    "LeNet5",
+    "MobileNetV2Small",
+    "SmallResNet",
+    "create_model",
+]
 
 
 def _check_input_size(name: str, input_size: int, minimum: int) -> None:
@@ -171,9 +182,100 @@ class SmallResNet(nn.Module):
         return self.fc(self.flatten(self.avgpool(x)))
 
 
+def _conv_bn(
+    cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True
+) -> list[nn.Module]:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    return layers + [nn.ReLU6()] if act else layers
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expansion (Conv-BN-ReLU6, none when ``expand == 1``), 3x3 depthwise Conv-BN-ReLU6,
+    1x1 linear projection (Conv-BN); ``out + x`` when the stride is 1 and widths match.
+
+    >>> block = InvertedResidual(8, 8, stride=1, expand=4)
+    >>> block(torch.zeros(2, 8, 14, 14)).shape, block.residual
+    (torch.Size([2, 8, 14, 14]), True)
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers = _conv_bn(cin, hidden, 1) if expand != 1 else []
+        layers += _conv_bn(hidden, hidden, 3, stride, groups=hidden)  # depthwise
+        layers += _conv_bn(hidden, cout, 1, act=False)  # linear bottleneck
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        return out + x if self.residual else out
+
+
+class MobileNetV2Small(nn.Module):
+    """MobileNetV2 shaped for 28x28 inputs: a 3x3 stride-2 stem, inverted residual stages (width,
+    blocks, first stride) from ``stages``, a 1x1 Conv-BN-ReLU6 to ``last`` channels, global
+    average pooling and a Linear head.
+
+    The first stage's blocks do not expand (as in MobileNetV2); later ones expand ``expand``
+    times. The defaults have about 46k parameters.
+
+    >>> m = MobileNetV2Small(stages=((8, 1, 1), (16, 2, 2)), last=32)
+    >>> m(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        input_size: int = 28,
+        stem: int = 16,
+        stages: Sequence[tuple[int, int, int]] = ((16, 1, 1), (24, 2, 2), (32, 2, 1), (48, 1, 1)),
+        expand: int = 4,
+        last: int = 128,
+    ) -> None:
+        super().__init__()
+        if not stages or any(len(s) != 3 or min(s) < 1 for s in stages):
+            raise ValueError(
+                f"MobileNetV2Small: stages={tuple(stages)} must be non-empty (width, blocks, "
+                "stride) triples of positive integers, e.g. ((16, 1, 1), (24, 2, 2))"
+            )
+        if min(stem, expand, last) < 1:
+            raise ValueError(
+                f"MobileNetV2Small: stem={stem}, expand={expand} and last={last} must all be "
+                "positive, e.g. stem=16, expand=4, last=128"
+            )
+        self.input_shape = (in_channels, input_size, input_size)
+        blocks: list[nn.Module] = []
+        width = stem
+        for i, (out, count, stride) in enumerate(stages):
+            for j in range(count):
+                ratio = 1 if i == 0 else expand
+                blocks.append(InvertedResidual(width, out, stride if j == 0 else 1, ratio))
+                width = out
+        self.features = nn.Sequential(
+            *_conv_bn(in_channels, stem, 3, stride=2), *blocks, *_conv_bn(width, last, 1)
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()  # (N, last, 1, 1) -> (N, last)
+        self.classifier = nn.Linear(last, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.flatten(self.pool(self.features(x))))
+
+
 # Read-only name -> constructor registry.
 MODELS: Mapping[str, Callable[..., nn.Module]] = MappingProxyType(
-    {"mlp": MLP, "lenet5": LeNet5, "small_resnet": SmallResNet}
+    {
+        "mlp": MLP,
+        "lenet5": LeNet5,
+        "small_resnet": SmallResNet,
+        "mobilenet_v2_small": MobileNetV2Small,
+    }
 )
 
 

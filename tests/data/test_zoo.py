@@ -11,7 +11,7 @@ from lowbit.data import MLP, MODELS, BasicBlock, LeNet5, SmallResNet, create_mod
 
 @pytest.mark.parametrize("size", [28, 32])
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("name", ["mlp", "lenet5", "small_resnet"])
+@pytest.mark.parametrize("name", ["mlp", "lenet5", "small_resnet", "mobilenet_v2_small"])
 def test_output_shapes(name: str, size: int, channels: int) -> None:
     if name == "mlp":
         model = create_model(name, in_features=channels * size * size, num_classes=7)
@@ -47,7 +47,7 @@ def test_small_resnet_is_a_real_resnet() -> None:
 
 
 def test_registry_and_errors() -> None:
-    assert set(MODELS) == {"mlp", "lenet5", "small_resnet"}
+    assert set(MODELS) == {"mlp", "lenet5", "small_resnet", "mobilenet_v2_small"}
     with pytest.raises(TypeError):
         MODELS["x"] = MLP  # type: ignore[index]
     with pytest.raises(ValueError, match="unknown model 'resnet50'.*'lenet5'"):
