@@ -194,6 +194,11 @@ def _anchor_rows(task: Task, setting: str, fp32: float, folder: Path) -> list[Ro
     return rows
 
 
+def _specs(recipe: lowbit.Recipe) -> dict[str, Any]:
+    """What a recipe quantizes, without its name and description."""
+    return recipe.to_dict() | {"name": "", "description": ""}
+
+
 def run_task(task: Task, folder: Path) -> list[Row]:
     """FP32, then per setting: the anchors, the shipped RTN recipe, each algorithm recipe
     and its RTN twin."""
@@ -208,9 +213,7 @@ def run_task(task: Task, folder: Path) -> list[Row]:
                 print(f"  {recipe}: not a shipped recipe (yet); skipped")
                 continue
             twin = rtn_twin(recipe)
-            if shipped is None or twin.to_dict() | {"name": ""} != (
-                lowbit.load_recipe(shipped).to_dict() | {"name": ""}
-            ):
+            if shipped is None or _specs(twin) != _specs(lowbit.load_recipe(shipped)):
                 rows.append(_lowbit_row(task, setting, twin, fp32))
             rows.append(_lowbit_row(task, setting, recipe, fp32))
     return rows

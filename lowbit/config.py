@@ -6,6 +6,7 @@ import fnmatch
 import inspect
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -258,6 +259,31 @@ class Recipe:
         ()
         """
         return parse_steps(self.algorithm, self.args)
+
+    def with_args(self, **overrides: Mapping[str, Any]) -> Recipe:
+        """This recipe with some algorithms' arguments replaced (the others kept), checked
+        like a recipe file's ``args:``; naming an algorithm the recipe does not run is an
+        error.
+
+        >>> r = load_recipe("w4a8-adaround").with_args(adaround={"iters": 200})
+        >>> dict(r.steps[0][1])["iters"], load_recipe("w4a8-adaround").steps[0][1] != r.steps[0][1]
+        (200, True)
+        """
+        steps = self.steps
+        names = [name for name, _ in steps]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise RecipeError(
+                f"recipe {self.name!r} runs {names or 'no algorithm'}, not {unknown}; "
+                "give arguments only to the algorithms it runs"
+            )
+        args = {
+            name: {**steps_to_dict(((name, a),))[1], **overrides.get(name, {})}
+            for name, a in steps
+        }
+        data = self.to_dict()
+        data["args"] = args[names[0]] if len(names) == 1 else args
+        return Recipe.from_dict(data, where=f"recipe {self.name!r} with_args")
 
     def config_for(self, name: str, kind: str = "", position: str = "") -> QuantConfig | None:
         """The config of the first rule matching ``name``, else the default; a layer of

@@ -56,13 +56,9 @@ FAST_ARGS = {"adaround": {"iters": 40}, "brecq": {"iters": 40}}  # the suite sta
 
 def _fast(name: str) -> Recipe:
     """The shipped recipe, with its long algorithms cut to a few iterations."""
-    data = load_recipe(name).to_dict()
-    steps = load_recipe(name).steps
-    if not any(step in FAST_ARGS for step, _ in steps):
-        return load_recipe(name)
-    args = {step: {**dict(a), **FAST_ARGS.get(step, {})} for step, a in steps}
-    data["args"] = args[steps[0][0]] if len(steps) == 1 else args
-    return Recipe.from_dict(data)
+    recipe = load_recipe(name)
+    fast = {step: FAST_ARGS[step] for step, _ in recipe.steps if step in FAST_ARGS}
+    return recipe.with_args(**fast) if fast else recipe
 
 
 class ConvLinear(nn.Module):

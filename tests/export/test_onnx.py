@@ -36,13 +36,21 @@ MODELS = {
 }
 
 
+FAST_ARGS = {"adaround": {"iters": 10}, "brecq": {"iters": 10}}  # export is tested, not accuracy
+
+
 @functools.cache
 def quantized(model: str, recipe: str | Recipe) -> nn.Module:
-    """A converted model (cached: tests only read it)."""
+    """A converted model (cached: tests only read it); algorithms get 32 calibration samples
+    (GPTQ and BRECQ ask for at least that many) and a few iterations."""
     build, shape = MODELS[model]
     torch.manual_seed(0)
     net = build().eval()
-    return quantize(net, recipe, data=[torch.randn(8, *shape)])
+    if isinstance(recipe, str):
+        recipe = lowbit.load_recipe(recipe)
+    fast = {step: FAST_ARGS[step] for step, _ in recipe.steps if step in FAST_ARGS}
+    recipe = recipe.with_args(**fast) if fast else recipe
+    return quantize(net, recipe, data=[torch.randn(16, *shape), torch.randn(16, *shape)])
 
 
 @contextmanager
