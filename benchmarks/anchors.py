@@ -145,6 +145,11 @@ def torch_ao_static(model: nn.Module, calibration: Iterable[torch.Tensor]) -> li
 TORCHAO_METHODS = ("int8 dynamic", "int8 weight-only", "int4 weight-only g128")
 
 
+def _linear_except(names: list[str]) -> Callable[[nn.Module, str], bool]:
+    """A torchao ``filter_fn``: Linear layers, except those ``names``."""
+    return lambda m, fqn: isinstance(m, nn.Linear) and fqn not in names
+
+
 def torchao_models(
     model: nn.Module, methods: tuple[str, ...] = TORCHAO_METHODS
 ) -> list[tuple[Row, nn.Module, torch.dtype]]:
@@ -171,27 +176,34 @@ def torchao_models(
         config, dtype = configs[method]
         start = time.perf_counter()
         q = copy.deepcopy(model).to(dtype)
-        try:
-            quantize_(q, config)
+        skipped = [
+            name
+            for name, m in q.named_modules()
+            if isinstance(m, nn.Linear) and m.out_features % 16 and "int4" in method
+        ]
+        try:  # torchao's CPU int4 kernel needs N % 16 == 0: other Linears stay in bfloat16
+            quantize_(q, config, filter_fn=_linear_except(skipped))
         except (RuntimeError, NotImplementedError, AssertionError) as err:
             print(f"torchao {method} skipped: {err}")
             continue
         seconds = time.perf_counter() - start
         backend = "eager" if dtype == torch.float32 else "eager, bfloat16"
-        row = Row(
-            "", "torchao", method, backend, file_bytes=torch_save_bytes(q), quantize_s=seconds
-        )
+        label = method + (f" ({', '.join(skipped)} bf16)" if skipped else "")
+        row = Row("", "torchao", label, backend, file_bytes=torch_save_bytes(q), quantize_s=seconds)
         out.append((row, q, dtype))
     return out
 
 
-def torchao_rows(model: nn.Module) -> list[tuple[Row, Run]]:
-    """:func:`torchao_models` as runnable rows (inputs cast to each model's dtype)."""
+def torchao_rows(
+    model: nn.Module, methods: tuple[str, ...] = TORCHAO_METHODS
+) -> list[tuple[Row, Run]]:
+    """:func:`torchao_models` (of ``methods``) as runnable rows (inputs cast to each model's
+    dtype)."""
     out: list[tuple[Row, Run]] = []
-    for row, q, dtype in torchao_models(model):
+    for row, q, dtype in torchao_models(model, methods):
 
         def run(x: torch.Tensor, q: nn.Module = q, dtype: torch.dtype = dtype) -> torch.Tensor:
-            return q(x.to(dtype)).float()
+            return q(x.to(dtype) if x.is_floating_point() else x).float()
 
         out.append((row, run))
     return out

@@ -18,6 +18,7 @@ benchmarks/results/low_bit.json. Quantize times are wall-clock on this machine: 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 import warnings
 from collections.abc import Callable
@@ -74,6 +75,23 @@ class Row:
     delta: float  # points for accuracy, percent for perplexity (relative)
     quantize_s: float
     note: str = ""
+
+
+def like_torchao(recipe: str | lowbit.Recipe) -> lowbit.Recipe:
+    """``recipe`` with the layers torchao's CPU int4 path leaves alone kept float: the
+    embeddings and ``lm_head`` (84 outputs: not a multiple of 16), for a like-for-like row.
+
+    >>> like_torchao("w4a16-g128").embedding is None
+    True
+    """
+    data = lowbit.load_recipe(recipe).to_dict()
+    name = data["name"]
+    data.update(
+        embedding=None,
+        rules=[{"match": "lm_head", "config": None}, *data["rules"]],
+        name=f"{name} (embeddings, lm_head float)",
+    )
+    return lowbit.Recipe.from_dict(data)
 
 
 def rtn_twin(recipe: str) -> lowbit.Recipe:
@@ -216,6 +234,9 @@ def run_task(task: Task, folder: Path) -> list[Row]:
             if shipped is None or _specs(twin) != _specs(lowbit.load_recipe(shipped)):
                 rows.append(_lowbit_row(task, setting, twin, fp32))
             rows.append(_lowbit_row(task, setting, recipe, fp32))
+        if task.metric == "perplexity" and setting == "w4a16":  # the torchao row's coverage
+            for name in ("w4a16-g128", "w4a16-gptq"):
+                rows.append(_lowbit_row(task, setting, like_torchao(name), fp32))
     return rows
 
 
@@ -248,19 +269,27 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning)
     folder = Path("out/bench/low_bit")
     folder.mkdir(parents=True, exist_ok=True)
-    everything: list[Row] = []
+    out = Path(args.out)
     for name in args.models.split(","):
         task = gpt_task(args.quick) if name == "gpt" else image_task(name, args.quick)
         rows = run_task(task, folder)
         metric = rows[0].metric
         Console(width=140).print(table(rows, f"{name}: {metric}, fp32 {rows[0].value:.3f}"))
-        everything += rows
-    write_json(
-        Path(args.out),
-        {"machine": machine(), "quick": args.quick, "rows": [asdict(r) for r in everything]},
-    )
-    print(f"wrote {args.out}")
+        _merge(out, task.name, rows, args.quick)  # each model as it finishes
+    print(f"wrote {out}")
     return 0
+
+
+def _merge(path: Path, model: str, rows: list[Row], quick: bool) -> None:
+    """Write ``rows`` into the JSON at ``path``, replacing that model's earlier rows (other
+    models' rows stay: models can be re-run one at a time)."""
+    kept: list[dict[str, Any]] = []
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("quick") == quick:
+            kept = [r for r in old.get("rows", []) if r.get("model") != model]
+    new = kept + [asdict(r) for r in rows]
+    write_json(path, {"machine": machine(), "quick": quick, "rows": new})
 
 
 if __name__ == "__main__":
