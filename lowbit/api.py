@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.config import QuantConfig, Recipe, RecipeError, load_recipe
-from lowbit.fuse import FoldPair, find_foldable, fold_batchnorm
+from lowbit.fuse import FoldPair, find_foldable, fold_batchnorm, fold_into
 from lowbit.nn import (
     QMODULES,
     QModule,
@@ -32,6 +32,7 @@ from lowbit.nn import (
 )
 from lowbit.nn.tied import WeightTies
 from lowbit.observers import make_observer
+from lowbit.recipe_qat import QatConfig
 from lowbit.recipe_steps import build as build_algorithms
 
 __all__ = [
@@ -67,6 +68,7 @@ class PreparedInfo:
     # layer name -> (mean, std) per output channel of its pre-activation output, from the
     # batch norm folded into it (analytical bias correction reads them)
     bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    qat: QatConfig | None = None  # set when prepared for quantization-aware training
 
 
 def prepared_info(model: nn.Module) -> PreparedInfo:
@@ -174,9 +176,59 @@ def _copy(model: M) -> M:
     return copy.deepcopy(model)
 
 
-def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
+_QAT_BN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # weights with out-channels first
+
+
+def _hold_bns_for_qat(model: nn.Module, pairs: list[FoldPair]) -> dict[str, nn.Module]:
+    """Take each foldable batch norm out of the model (an Identity in its place) to train it
+    folded inside its layer; layers whose weight is not out-channels-first (transposed
+    convolutions) are folded now instead. Returns layer name -> its batch norm."""
+    held, fold_now = {}, []
+    for pair in pairs:
+        layer = model.get_submodule(pair.layer)
+        if isinstance(layer, _QAT_BN_LAYERS):
+            held[pair.layer] = model.get_submodule(pair.bn)
+            model.set_submodule(pair.bn, nn.Identity())
+        else:
+            fold_now.append(pair)
+    fold_batchnorm(model, fold_now)
+    return held
+
+
+def _setup_qat(model: nn.Module, qat: QatConfig, bns: Mapping[str, nn.Module]) -> None:
+    """Give every quantizer its training range and every held batch norm to its layer (a
+    layer that stayed float gets its batch norm folded now)."""
+    layers = quantized_layers(model)
+    for name, held in bns.items():
+        if name not in layers:
+            fold_into(model.get_submodule(name), held)  # type: ignore[arg-type]
+    for name, layer in layers.items():
+        wq, iq = layer.weight_quantizer, layer.input_quantizer
+        if wq is not None:
+            wq.set_range(qat.weight_range, qat.freeze_ranges_after)
+        if iq is not None and not iq.spec.dynamic:
+            iq.set_range(
+                qat.input_range,
+                qat.freeze_ranges_after,
+                qat.averaging_constant,
+                qat.learned_offset,
+            )
+        bn = bns.get(name)
+        if bn is not None:
+            layer.qat_bn = bn  # type: ignore[assignment]
+            layer.bn_freeze_after = qat.freeze_bn_after
+
+
+def prepare(model: M, recipe: RecipeLike, inplace: bool = False, qat: bool = False) -> M:
     """Fold batch norms and swap every supported layer for its quantized twin; the model
-    comes back in eval mode (call ``.train()`` on it for quantization-aware training).
+    comes back in eval mode.
+
+    ``qat=True`` prepares for quantization-aware training (the model comes back in train
+    mode): ranges move or learn as the recipe's ``qat:`` section says (LSQ by default, see
+    :class:`~lowbit.recipe_qat.QatConfig`), and each Conv/Linear+BatchNorm pair trains with
+    the batch norm folded into the quantized weight. Calibrate it (``calibrate(model,
+    data)``) to initialise the ranges, train it in your own loop with any optimizer, then
+    ``convert`` and ``save`` as after post-training quantization.
 
     Layers are found by module type (no tracing), so any model works; batch-norm folding
     uses torch.fx when it can and says what it skipped when it cannot. A layer registered
@@ -191,10 +243,15 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
     if not inplace:
         model = _copy(model)
     info = PreparedInfo(recipe)
+    qat_bns: dict[str, nn.Module] = {}
     if recipe.fold_batchnorm:
         pairs, info.notes = find_foldable(model)
         info.bn_stats = _bn_stats(model, pairs)
-        info.folds = fold_batchnorm(model, pairs)
+        if qat:
+            qat_bns = _hold_bns_for_qat(model, pairs)
+            info.folds = list(pairs)
+        else:
+            info.folds = fold_batchnorm(model, pairs)
         for note in info.notes:
             logger.info("batch-norm folding: %s", note)
     for name, what in fold_weight_norm(model).items():
@@ -239,6 +296,10 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
             info.kept_float[name] = held or _why_float(recipe, name, qcls.kind)
             continue
         qmod = qcls.from_float(module, config.weight, config.input, name)
+        if config.gradient is not None:
+            for part in qmod.modules():
+                if isinstance(part, QModule):
+                    part.gradient_spec = config.gradient
         if isinstance(qmod, QModule):  # a subclass extending forward keeps its forward
             qmod = adopt_subclass(qmod, module, twin_class(module, type(qmod)))
         if isinstance(qmod, QParent):  # e.g. an LSTM's static input spec made dynamic
@@ -250,6 +311,10 @@ def prepare(model: M, recipe: RecipeLike, inplace: bool = False) -> M:
             info.notes.append(f"{name}: one layer used as {', '.join(names)}, quantized once")
     info.notes += disable_fused_path(model, placed)
     setattr(model, INFO_ATTR, info)
+    if qat:
+        info.qat = recipe.qat or QatConfig()
+        _setup_qat(model, info.qat, qat_bns)
+        return model.train()
     return model.eval()
 
 

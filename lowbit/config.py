@@ -15,9 +15,10 @@ from typing import Any
 import yaml
 
 from lowbit.observers import OBSERVERS, make_observer
+from lowbit.recipe_qat import QatConfig
 from lowbit.recipe_steps import ALGORITHMS, AlgorithmStep, parse_steps, steps_to_dict
 from lowbit.recipe_yaml import YAMLBoundError, load_bounded
-from lowbit.spec import PerGroup, QuantSpec, SpecError
+from lowbit.spec import PerChannel, PerGroup, PerTensor, QuantSpec, SpecError
 
 __all__ = [
     "QuantConfig",
@@ -116,7 +117,14 @@ def _check_observer_args(spec: QuantSpec, where: str) -> None:
 
 
 def _check_role(spec: QuantSpec, role: str, where: str) -> None:
-    """Reject specs that parse but cannot work for this tensor (``role``: weight or input)."""
+    """Reject specs that parse but cannot work for this tensor (``role``: weight, input or
+    gradient)."""
+    if role == "gradient":
+        if not isinstance(spec.gran, (PerTensor, PerChannel)):
+            raise RecipeError(
+                f"{where}: gradients are quantized per_tensor or per_channel, not {spec.gran.kind}"
+            )
+        return  # a gradient's range is its own, every step: no observer
     if role == "weight" and spec.dynamic:
         raise RecipeError(
             f"{where}: weights cannot be dynamic (they are known ahead of time); "
@@ -138,6 +146,8 @@ def _check_role(spec: QuantSpec, role: str, where: str) -> None:
 @dataclass(frozen=True)
 class QuantConfig:
     """Specs for one layer's weight and input activation; ``None`` leaves that tensor float.
+    ``gradient`` quantizes the gradients the layer passes back in training (to its input and
+    to its weight; ``rounding: stochastic`` keeps them unbiased).
 
     >>> QuantConfig(weight=QuantSpec("int4", "per_group:32")).input is None
     True
@@ -145,9 +155,10 @@ class QuantConfig:
 
     weight: QuantSpec | None = None
     input: QuantSpec | None = None
+    gradient: QuantSpec | None = None
 
     def __post_init__(self) -> None:
-        for key in ("weight", "input"):
+        for key in ("weight", "input", "gradient"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, QuantSpec):
                 raise RecipeError(f"QuantConfig.{key} must be a QuantSpec or None, got {value!r}")
@@ -160,19 +171,22 @@ class QuantConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form, as written in YAML."""
-        return {
+        """Plain-dict form, as written in YAML (``gradient`` only when set)."""
+        out = {
             "weight": self.weight.to_dict() if self.weight else None,
             "input": self.input.to_dict() if self.input else None,
         }
+        if self.gradient is not None:
+            out["gradient"] = self.gradient.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "config") -> QuantConfig:
-        """Read ``{"weight": {...}, "input": {...}}`` strictly."""
-        hint = " (write {weight: {dtype: int8, ...}, input: ...}, or null for float)"
-        data = _only_keys(data, {"weight", "input"}, where, hint)
+        """Read ``{"weight": {...}, "input": {...}, "gradient": {...}}`` strictly."""
+        hint = " (write {weight: {dtype: int8, ...}, input: ..., gradient: ...}, or null for float)"
+        data = _only_keys(data, {"weight", "input", "gradient"}, where, hint)
         specs: dict[str, QuantSpec | None] = {}
-        for role in ("weight", "input"):
+        for role in ("weight", "input", "gradient"):
             raw = data.get(role)
             spec = _parse_spec(raw, f"{where}.{role}") if raw is not None else None
             if spec is not None:
@@ -183,7 +197,7 @@ class QuantConfig:
                 f"{where}: a config with neither weight nor input quantizes nothing; write "
                 "null instead of the mapping to keep the layer(s) in float"
             )
-        return cls(weight=specs["weight"], input=specs["input"])
+        return cls(weight=specs["weight"], input=specs["input"], gradient=specs["gradient"])
 
 
 @dataclass(frozen=True)
@@ -227,6 +241,7 @@ class Recipe:
     embedding: QuantConfig | None = None  # weight-only config of embeddings no rule matches
     first: QuantConfig | str | None = SAME
     last: QuantConfig | str | None = SAME
+    qat: QatConfig | None = None  # ranges and batch norms in quantization-aware training
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
@@ -278,8 +293,7 @@ class Recipe:
                 "give arguments only to the algorithms it runs"
             )
         args = {
-            name: {**steps_to_dict(((name, a),))[1], **overrides.get(name, {})}
-            for name, a in steps
+            name: {**steps_to_dict(((name, a),))[1], **overrides.get(name, {})} for name, a in steps
         }
         data = self.to_dict()
         data["args"] = args[names[0]] if len(names) == 1 else args
@@ -329,6 +343,7 @@ class Recipe:
                 for key in ("first", "last")
                 if getattr(self, key) != SAME
             },
+            **({"qat": self.qat.to_dict()} if self.qat is not None else {}),
         }
 
     @classmethod
@@ -346,6 +361,7 @@ class Recipe:
             "embedding",
             "first",
             "last",
+            "qat",
         }
         data = _only_keys(data, allowed, where)
         if "default" not in data:
@@ -411,6 +427,7 @@ class Recipe:
             embedding=_read_embedding(data.get("embedding"), f"{where}.embedding"),
             first=_read_edge(data, "first", where),
             last=_read_edge(data, "last", where),
+            qat=_read_qat(data.get("qat"), f"{where}.qat"),
         )
 
     def to_yaml(self) -> str:
@@ -480,6 +497,15 @@ def _read_edge(data: dict[str, Any], key: str, where: str) -> QuantConfig | str 
     if data[key] is None:
         return None
     return QuantConfig.from_dict(data[key], f"{where}.{key}")
+
+
+def _read_qat(raw: Any, where: str) -> QatConfig | None:
+    if raw is None:
+        return None
+    try:
+        return QatConfig.from_dict(raw, where)
+    except SpecError as err:
+        raise RecipeError(str(err)) from None
 
 
 def _weight_only(where: str) -> RecipeError:

@@ -29,7 +29,7 @@ from itertools import pairwise
 import torch
 from torch import fx, nn
 
-__all__ = ["FoldPair", "apply_fold_structure", "find_foldable", "fold_batchnorm"]
+__all__ = ["FoldPair", "apply_fold_structure", "find_foldable", "fold_batchnorm", "fold_into"]
 
 logger = logging.getLogger(__name__)
 
@@ -352,8 +352,14 @@ def _ensure_bias(layer: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _fold_values(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
-    """Fold ``bn``'s running statistics and affine parameters into ``layer``, in place."""
+def fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Fold ``bn``'s running statistics and affine parameters into ``layer``, in place.
+
+    >>> conv, bn = nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2).eval()
+    >>> x = torch.randn(1, 1, 3, 3); want = bn(conv(x)); fold_into(conv, bn)
+    >>> torch.allclose(conv(x), want, atol=1e-6)
+    True
+    """
     weight = layer.weight
     assert isinstance(weight, torch.Tensor)
     assert bn.running_mean is not None and bn.running_var is not None
@@ -393,7 +399,7 @@ def fold_batchnorm(model: nn.Module, pairs: Sequence[FoldPair] | None = None) ->
     """
     pairs = find_foldable(model)[0] if pairs is None else list(pairs)
     for pair, (layer, bn) in zip(pairs, _resolve(model, pairs, need_stats=True), strict=True):
-        _fold_values(layer, bn)
+        fold_into(layer, bn)
         model.set_submodule(pair.bn, nn.Identity())
     return pairs
 

@@ -79,6 +79,55 @@ class Observer(nn.Module):
         """The (min, max) range to cover, shaped like the qparams."""
         raise NotImplementedError
 
+    # --- state: every statistic is a buffer; batches and shape ride along ---------------------
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "batches"] = torch.tensor(self.batches, dtype=torch.int64)
+        if self.shape is not None:
+            destination[prefix + "shape"] = torch.tensor(self.shape, dtype=torch.int64)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        if not any(key.startswith(prefix) for key in state_dict):
+            return  # no statistics given (a float model's state_dict): keep what it has
+        own = {prefix + "batches", prefix + "shape"}
+        batches, shape = state_dict.get(prefix + "batches"), state_dict.get(prefix + "shape")
+        for key, value in ((prefix + "batches", batches), (prefix + "shape", shape)):
+            if value is not None and (
+                not isinstance(value, torch.Tensor) or value.is_floating_point()
+            ):
+                error_msgs.append(f"{key} must be an integer tensor")
+                return
+        if isinstance(batches, torch.Tensor):
+            self.batches = int(batches)
+        if isinstance(shape, torch.Tensor):
+            self.shape = tuple(int(v) for v in shape.reshape(-1))
+        for name in list(self._buffers):  # statistics take the saved shape (lazily shaped)
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and name not in self._non_persistent_buffers_set:
+                mine = self._buffers[name]
+                device = mine.device if mine is not None else value.device
+                self._buffers[name] = torch.empty_like(value, device=device)
+        super()._load_from_state_dict(
+            {k: v for k, v in state_dict.items() if k not in own},
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
+        )
+
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point for what was observed.
 
@@ -110,8 +159,8 @@ class MinMaxObserver(Observer):
 
     def __init__(self, spec: QuantSpec, **kwargs: Any) -> None:
         super().__init__(spec, **kwargs)
-        self.register_buffer("min_val", torch.tensor(math.inf), persistent=False)
-        self.register_buffer("max_val", torch.tensor(-math.inf), persistent=False)
+        self.register_buffer("min_val", torch.tensor(math.inf))
+        self.register_buffer("max_val", torch.tensor(-math.inf))
 
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = minmax(x, self.spec.gran)
@@ -137,6 +186,18 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             raise SpecError(f"averaging_constant={averaging_constant} must be in (0, 1]")
         self.c = averaging_constant
 
+    def seed(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Start the average from a known range (a calibrated one), as one batch seen.
+
+        >>> obs = MovingAverageMinMaxObserver(QuantSpec("int8"), averaging_constant=0.5)
+        >>> obs.seed(torch.tensor(-1.0), torch.tensor(1.0)); _ = obs(torch.tensor([-3.0, 3.0]))
+        >>> [t.item() for t in obs.bounds()]
+        [-2.0, 2.0]
+        """
+        self.min_val, self.max_val = lo.detach().float().clone(), hi.detach().float().clone()
+        self.shape = tuple(lo.shape)
+        self.batches = max(self.batches, 1)
+
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = minmax(x, self.spec.gran)
         if self.batches == 0:
@@ -157,14 +218,18 @@ def _subsample(rows: torch.Tensor, limit: int, generator: torch.Generator) -> to
 class _SampleObserver(Observer):
     """Keeps a bounded random sample of each block's values (``max_samples`` per block)."""
 
+    samples: torch.Tensor | None
+    lo: torch.Tensor
+    hi: torch.Tensor
+
     def __init__(self, spec: QuantSpec, max_samples: int = 1 << 16) -> None:
         super().__init__(spec)
         _check_bound("max_samples", max_samples, 1, _MAX_SAMPLES)
         self.max_samples = max_samples
         self.generator = torch.Generator().manual_seed(0)
-        self.samples: torch.Tensor | None = None
-        self.lo = torch.tensor(math.inf)
-        self.hi = torch.tensor(-math.inf)
+        self.register_buffer("samples", None)
+        self.register_buffer("lo", torch.tensor(math.inf))
+        self.register_buffer("hi", torch.tensor(-math.inf))
 
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = minmax(x, self.spec.gran)
@@ -285,27 +350,37 @@ class EntropyObserver(Observer):
     True
     """
 
+    hist: torch.Tensor
+    amax_seen: torch.Tensor
+    has_negative: torch.Tensor
+
     def __init__(self, spec: QuantSpec, bins: int = 2048) -> None:
         super().__init__(spec)
         if not isinstance(spec.gran, PerTensor):
             raise SpecError("the entropy observer is per_tensor only: use minmax or mse instead")
         _check_bound("bins", bins, 2, _MAX_BINS)
         self.bins = bins
-        self.hist = torch.zeros(bins, dtype=torch.float64)
-        self.amax = 0.0
-        self.has_negative = False
+        self.register_buffer("hist", torch.zeros(bins, dtype=torch.float64))
+        self.register_buffer("amax_seen", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("has_negative", torch.tensor(False))
 
     def observe(self, x: torch.Tensor) -> None:
         mag = x.abs().flatten()
-        self.has_negative = self.has_negative or bool((x < 0).any())
-        amax = max(float(mag.max()), self.amax, 1e-12)
-        if amax > self.amax and self.hist.sum() > 0:
+        self.has_negative = self.has_negative | (x < 0).any()
+        old = self.amax
+        amax = max(float(mag.max()), old, 1e-12)
+        if amax > old and self.hist.sum() > 0:
             # re-bin the old histogram: move each old bin's count to the new bin of its centre
-            centres = (torch.arange(self.bins, dtype=torch.float64) + 0.5) * self.amax / self.bins
+            centres = (torch.arange(self.bins, dtype=torch.float64) + 0.5) * old / self.bins
             idx = torch.clamp((centres / amax * self.bins).long(), max=self.bins - 1)
             self.hist = torch.zeros_like(self.hist).index_add_(0, idx, self.hist)
-        self.amax = amax
+        self.amax_seen = torch.tensor(amax, dtype=torch.float64)
         self.hist += torch.histc(mag.double(), bins=self.bins, min=0.0, max=amax)
+
+    @property
+    def amax(self) -> float:
+        """The largest magnitude seen so far (the histogram's upper edge)."""
+        return float(self.amax_seen)
 
     def _kl(self, i: int, levels: int) -> float:
         ref = self.hist[:i].clone()
@@ -326,7 +401,8 @@ class EntropyObserver(Observer):
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.spec.qdtype
-        levels = 1 << (dtype.bits - 1) if self.has_negative else 1 << dtype.bits
+        negative = bool(self.has_negative)
+        levels = 1 << (dtype.bits - 1) if negative else 1 << dtype.bits
         if levels >= self.bins:
             best = self.bins  # the grid is finer than the histogram: nothing to gain by clipping
         else:
@@ -334,7 +410,7 @@ class EntropyObserver(Observer):
             candidates = range(levels, self.bins + 1, step)
             best = min(candidates, key=lambda i: self._kl(i, levels))
         threshold = torch.tensor(best * self.amax / self.bins, dtype=torch.float32)
-        lo = -threshold if self.has_negative else torch.tensor(0.0)
+        lo = -threshold if negative else torch.tensor(0.0)
         return lo, threshold
 
 
@@ -347,16 +423,21 @@ class MeanStdObserver(Observer):
     [-1.0, 1.0]
     """
 
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+    count: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
     def __init__(self, spec: QuantSpec, k: float = 3.0) -> None:
         super().__init__(spec)
         if not 0 < k < math.inf:
             raise SpecError(f"k={k} must be a positive finite number (typical: 3)")
         self.k = k
-        self.sum = torch.tensor(0.0, dtype=torch.float64)
-        self.sumsq = torch.tensor(0.0, dtype=torch.float64)
-        self.count = torch.tensor(0.0, dtype=torch.float64)
-        self.lo = torch.tensor(math.inf)
-        self.hi = torch.tensor(-math.inf)
+        for name in ("sum", "sumsq", "count"):
+            self.register_buffer(name, torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("lo", torch.tensor(math.inf))
+        self.register_buffer("hi", torch.tensor(-math.inf))
 
     def observe(self, x: torch.Tensor) -> None:
         rows = blocks(x, self.spec.gran, pad=math.nan).double()  # (blocks, n); nan: padding

@@ -27,6 +27,7 @@ RANKS = {
     "config": 4,
     "recipe_yaml": 4,
     "recipe_steps": 4,
+    "recipe_qat": 4,
     "fuse": 4,
     "api": 5,
     "algorithms": 6,

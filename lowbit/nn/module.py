@@ -20,6 +20,8 @@ from torch import nn
 
 from lowbit.nn.kernels import Kernel, KernelChoice, LayerView, choose_kernel
 from lowbit.nn.parent import QParent
+from lowbit.nn.qat_bn import bn_factor, channel_view, folded_bias, weight_view
+from lowbit.nn.qat_ops import quantize_gradient
 from lowbit.nn.qtensor import QTensor
 from lowbit.nn.quantizer import Quantizer
 from lowbit.nn.state import read_bias, read_weight, write_qtensor
@@ -157,6 +159,9 @@ class QModule(nn.Module):
     exact_kernels_only: bool = False  # True: skip kernels that round activations to bfloat16
     _runners: dict[tuple[torch.dtype, str], Kernel]
     generation: int  # bumped whenever the prepared kernels are dropped
+    gradient_spec: QuantSpec | None = None  # quantize the gradients passed back (training)
+    qat_bn: nn.modules.batchnorm._BatchNorm | None  # a batch norm trained folded (QAT)
+    bn_freeze_after: int | None = None  # training steps after which qat_bn's stats freeze
 
     @classmethod
     def from_float(
@@ -166,7 +171,8 @@ class QModule(nn.Module):
         input: QuantSpec | None = None,
         name: str = "",
     ) -> QModule:
-        """Wrap a float layer, sharing its parameters, with the given weight and input specs."""
+        """Wrap a float layer, sharing its parameters, with the given weight and input specs
+        (``gradient_spec``, set afterwards, quantizes the gradients it passes back)."""
         label = name or type(module).__name__
         if weight is not None:
             _check_weight_spec(label, cast(torch.Tensor, module.weight), weight)
@@ -176,8 +182,11 @@ class QModule(nn.Module):
         qmod.train(module.training)
         qmod.weight = module.weight
         qmod.bias = getattr(module, "bias", None)  # an Embedding has none
-        qmod.weight_quantizer = Quantizer(weight) if weight is not None else None
+        shape = tuple(cast(torch.Tensor, module.weight).shape)
+        qmod.weight_quantizer = Quantizer(weight, shape) if weight is not None else None
         qmod.input_quantizer = Quantizer(input) if input is not None else None
+        qmod.gradient_spec = None
+        qmod.register_module("qat_bn", None)
         qmod.frozen = False
         qmod.layer_name = label
         qmod._runners = {}
@@ -209,22 +218,73 @@ class QModule(nn.Module):
         raise NotImplementedError
 
     # --- prepared (fake-quant) state -------------------------------------------------------
+    def weight_to_quantize(self) -> torch.Tensor:
+        """The float weight the weight quantizer sees: the layer's own, or folded with the
+        batch norm it trains with (``W * gamma / sqrt(var + eps)``, see :mod:`lowbit.nn.qat_bn`)."""
+        if self.qat_bn is None:
+            return self.weight
+        return self.weight * weight_view(bn_factor(self.qat_bn), self.weight)
+
     def update_weight_qparams(self) -> None:
         """Observe the current float weight and fix the weight qparams from it."""
         if self.weight_quantizer is not None and not self.frozen:
-            self.weight_quantizer.observe_tensor(self.weight.detach())
+            self.weight_quantizer.observe_tensor(self.weight_to_quantize().detach())
 
-    def quantized_weight(self) -> torch.Tensor:
+    def quantized_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The weight as the quantized layer uses it: fake-quantized float (STE gradient)
-        while prepared, dequantized integers once frozen."""
+        while prepared, dequantized integers once frozen. ``weight`` replaces the layer's
+        own float weight (a folded one); the layer's own gets its gradient quantized when
+        the layer has a gradient spec."""
         if isinstance(self.weight, QTensor):
             return self.weight.dequantize()
+        if weight is None:
+            weight = self.weight
+            if self.gradient_spec is not None:
+                weight = quantize_gradient(weight, self.gradient_spec)
         wq = self.weight_quantizer
         if wq is None or not wq.enabled:
-            return self.weight
-        if wq.scale is None:
+            return weight
+        if wq.scale is None or wq.observing:
             self.update_weight_qparams()
-        return wq(self.weight)
+        return wq(weight)
+
+    def _conv_bn_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The prepared forward of a layer training with its batch norm folded in."""
+        bn = self.qat_bn
+        assert bn is not None
+        wq = self.weight_quantizer
+        frozen = self.bn_freeze_after is not None and wq is not None
+        if frozen and wq is not None and wq.steps >= (self.bn_freeze_after or 0):
+            bn.train(False)  # running statistics frozen from now on
+        factor = bn_factor(bn)
+        weight = self.weight
+        if self.gradient_spec is not None:
+            weight = quantize_gradient(weight, self.gradient_spec)
+        folded = self.quantized_weight(weight * weight_view(factor, weight)).to(x.dtype)
+        if not bn.training:
+            return self.float_forward(x, folded, folded_bias(bn, self.bias, factor).to(x.dtype))
+        y = self.float_forward(x, folded, None)
+        y = y / channel_view(factor, y.ndim).to(
+            y.dtype
+        )  # the unfolded output, quantization noise kept
+        if self.bias is not None:
+            y = y + channel_view(self.bias, y.ndim).to(y.dtype)
+        out: torch.Tensor = bn(y)
+        return out
+
+    def fold_qat_bn(self) -> None:
+        """Fold the batch norm this layer trained with into its weight and bias (running
+        statistics) and drop it; the weight quantizer keeps its qparams."""
+        bn = self.qat_bn
+        if bn is None:
+            return
+        with torch.no_grad():
+            factor = bn_factor(bn)
+            weight = self.weight * weight_view(factor, self.weight)
+            bias = folded_bias(bn, self.bias, factor)
+        self.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
+        self.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=self.weight.requires_grad)
+        self.qat_bn = None
 
     def _int_bias_possible(self) -> bool:
         wq, iq = self.weight_quantizer, self.input_quantizer
@@ -255,6 +315,13 @@ class QModule(nn.Module):
                 "convert() before calibration: run lowbit.calibrate(model, data) first so the "
                 "input quantizers have ranges"
             )
+        self.fold_qat_bn()
+        if self.input_quantizer is not None:
+            self.input_quantizer.make_fixed()
+        if wq is not None and wq.range == "minmax":  # follow the final weight
+            wq.set_qparams(*Quantizer.range_of(self.weight.detach(), wq.spec))
+        if wq is not None:
+            wq.make_fixed()
         if wq is None:  # input-only: the weight stays float, the input's grid is fixed
             if self.input_quantizer is not None:
                 self.input_quantizer.observer = None
@@ -361,8 +428,12 @@ class QModule(nn.Module):
         self._check_input(x)
         if self.frozen:
             return self.runner(x)(x)
+        if self.gradient_spec is not None:
+            x = quantize_gradient(x, self.gradient_spec)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
+        if self.qat_bn is not None:
+            return self._conv_bn_forward(x)
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)

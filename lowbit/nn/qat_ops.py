@@ -1,0 +1,131 @@
+"""The differentiable pieces of quantization-aware training.
+
+- :func:`lsq_fake_quantize`: fake quantization whose scale (and, for LSQ+, offset) learns.
+  Learned step size (Esser et al., 2020): ``out = (clamp(round(x / s) + z, qmin, qmax) - z) * s``
+  with a straight-through ``round``; the scale's gradient is multiplied by
+  ``g = 1 / sqrt(N * Qp)`` (N: elements per scale, Qp: the largest positive level), which keeps
+  its updates on the scale of the weights' own. The zero point is a float rounded through a
+  straight-through estimator, so the grid stays integer and converts exactly.
+- :func:`quantize_gradient`: identity forward; backward quantizes the incoming gradient to
+  the spec's grid (range of that gradient, stochastic or nearest rounding) and passes the
+  dequantized values on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lowbit.primitives import _broadcast, _round, choose_qparams, minmax, qparam_shape
+from lowbit.spec import Granularity, PerGroup, PerTensor, QDtype, QuantSpec
+
+__all__ = ["lsq_fake_quantize", "lsq_grad_factor", "quantize_gradient", "round_ste"]
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` forward, identity backward.
+
+    >>> x = torch.tensor([0.4, 1.6], requires_grad=True)
+    >>> y = round_ste(x); y.sum().backward(); y.tolist(), x.grad.tolist()
+    ([0.0, 2.0], [1.0, 1.0])
+    """
+    return x + (torch.round(x) - x).detach()
+
+
+def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` forward, gradient multiplied by ``factor`` backward."""
+    return (x - x * factor).detach() + x * factor
+
+
+def lsq_grad_factor(shape: tuple[int, ...], gran: Granularity, dtype: QDtype) -> float:
+    """LSQ's gradient scale ``1 / sqrt(N * Qp)`` for a tensor of ``shape`` (N: elements that
+    share one scale, Qp: the grid's largest positive level, at least 1).
+
+    >>> round(lsq_grad_factor((64, 100), PerTensor(), QDtype(4)), 5)
+    0.00472
+    """
+    blocks = max(1, math.prod(qparam_shape(shape, gran)))
+    per_scale = max(1, math.prod(shape) // blocks)
+    if isinstance(gran, PerGroup):
+        per_scale = min(per_scale, gran.group_size)
+    return 1.0 / math.sqrt(per_scale * max(1, dtype.qmax))
+
+
+def lsq_fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    dtype: QDtype,
+    gran: Granularity,
+    grad_factor: float,
+) -> torch.Tensor:
+    """Fake-quantize ``x`` with a learnable ``scale`` (and float ``zero_point``, rounded
+    through a straight-through estimator); gradients reach ``x`` (inside the range), the scale
+    (times ``grad_factor``) and the zero point.
+
+    >>> s = torch.tensor(0.5, requires_grad=True)
+    >>> y = lsq_fake_quantize(torch.tensor([0.3, 9.0]), s, torch.tensor(0.0), QDtype(4),
+    ...                       PerTensor(), 1.0)
+    >>> y.sum().backward(); y.tolist(), round(s.grad.item(), 4)  # 1 - 0.3/0.5, clipped: 7
+    ([0.5, 3.5], 7.4)
+    """
+    view, s, restore = _broadcast(x, _scale_grad(scale, grad_factor), gran)
+    _, z, _ = _broadcast(x, _scale_grad(zero_point, grad_factor), gran)
+    z = round_ste(z)
+    q = torch.clamp(round_ste(view / s) + z, dtype.qmin, dtype.qmax)
+    return restore((q - z) * s)
+
+
+class _GradientQuantizer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        ctx.spec = spec
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        return fake_quantize_gradient(grad_outputs[0], ctx.spec), None
+
+
+def fake_quantize_gradient(
+    grad: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``grad`` quantized to ``spec``'s grid over its own range (per tensor or per channel)
+    and dequantized; stochastic rounding makes it unbiased.
+
+    >>> g = torch.tensor([0.1, -0.4, 0.25])
+    >>> fake_quantize_gradient(g, QuantSpec("int8", rounding="nearest")).tolist() == g.tolist()
+    False
+    """
+    if not grad.numel():
+        return grad
+    gf = grad.float()
+    gran = spec.gran
+    if not isinstance(gran, PerTensor) and grad.ndim < 2:
+        gran = PerTensor()  # a bias or a 1-d input: one scale
+    lo, hi = minmax(gf, gran)
+    scale, zero = choose_qparams(lo, hi, spec.qdtype, spec.symmetric)
+    view, s, restore = _broadcast(gf, scale, gran)
+    _, z, _ = _broadcast(gf, zero, gran)
+    q = (
+        _round(view / s, spec.rounding, generator)
+        .add_(z)
+        .clamp_(spec.qdtype.qmin, spec.qdtype.qmax)
+    )
+    return restore(q.sub_(z).mul_(s)).to(grad.dtype)
+
+
+def quantize_gradient(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``x`` unchanged; the gradient flowing back through it is quantized to ``spec``.
+
+    >>> x = torch.ones(3, requires_grad=True)
+    >>> quantize_gradient(x, QuantSpec("int8", rounding="stochastic")).mul(0.3).sum().backward()
+    >>> torch.allclose(x.grad, torch.full((3,), 0.3))
+    True
+    """
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x
+    out: torch.Tensor = _GradientQuantizer.apply(x, spec)
+    return out

@@ -1,0 +1,232 @@
+"""Quantization-aware training: state that checkpoints and resumes, learned step sizes, batch
+norm trained folded, gradient quantization, conversion to the integer form."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.config import QuantConfig, Recipe, RecipeError, load_recipe
+from lowbit.nn.qat_ops import fake_quantize_gradient, lsq_grad_factor
+from lowbit.nn.quantizer import Quantizer
+from lowbit.observers import OBSERVERS, make_observer
+from lowbit.report.metrics import sqnr_db
+from lowbit.spec import PerChannel, QDtype, QuantSpec
+
+
+class ConvNet(nn.Module):
+    """Conv-BN-ReLU twice and a Linear head: what QAT with folded batch norms is for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.head(x.flatten(1))
+
+
+def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 5, (32,), generator=g)
+
+
+def _float_model() -> ConvNet:
+    torch.manual_seed(0)
+    model = ConvNet()
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(20):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def _qat(recipe: str | Recipe = "w4a8") -> nn.Module:
+    model = lowbit.prepare(_float_model(), recipe, qat=True)
+    return lowbit.calibrate(model, [_data(1)[0]])
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int = 2) -> float:
+    x, y = _data(seed)
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+def test_prepare_qat_learns_scales_and_trains_batch_norm_folded() -> None:
+    model = _qat()
+    assert model.training
+    conv = model.conv1
+    assert conv.qat_bn is not None and isinstance(model.bn1, nn.Identity)
+    wq, iq = conv.weight_quantizer, conv.input_quantizer
+    assert isinstance(wq.scale, nn.Parameter) and wq.scale.shape == (8,)
+    assert isinstance(iq.scale, nn.Parameter) and isinstance(iq.zero_point, nn.Parameter)
+    before = wq.scale.detach().clone(), conv.qat_bn.running_mean.clone()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    first = _train(model, opt, 1)
+    last = _train(model, opt, 30)
+    assert last < first
+    assert not torch.equal(wq.scale.detach(), before[0])  # the step size learned
+    assert not torch.equal(conv.qat_bn.running_mean, before[1])  # batch statistics moved
+    assert wq.steps == 31
+
+
+def test_half_trained_state_dict_resumes_to_the_same_result() -> None:
+    model = _qat()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    _train(model, opt, 3)
+    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _train(model, opt, 3)
+    model.eval()
+    x = _data(5)[0]
+    want = model(x)
+
+    fresh = lowbit.prepare(_float_model(), "w4a8", qat=True)  # not calibrated: shapes only
+    fresh.load_state_dict(saved[0])
+    opt2 = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    opt2.load_state_dict(saved[1])
+    _train(fresh, opt2, 3)
+    fresh.eval()
+    assert torch.equal(fresh(x), want)
+    assert fresh.conv1.weight_quantizer.steps == model.conv1.weight_quantizer.steps == 6
+
+
+def test_converted_qat_model_matches_its_training_form_on_integer_kernels() -> None:
+    model = _qat()
+    _train(model, torch.optim.Adam(model.parameters(), lr=1e-3), 10)
+    model.eval()
+    x = _data(6)[0]
+    with torch.no_grad():
+        want = model(x)
+        q = lowbit.convert(model)
+        got = q(x)
+    assert q.conv1.qat_bn is None and q.conv1.frozen
+    assert q.conv1.kernel_name != "reference"  # the integer path, as after PTQ
+    assert sqnr_db(want, got) > 30.0
+
+
+def test_batch_norm_statistics_freeze_after_the_chosen_step() -> None:
+    recipe = load_recipe("w4a8").to_dict() | {"qat": {"freeze_bn_after": 2}}
+    model = _qat(Recipe.from_dict(recipe))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    _train(model, opt, 2)
+    frozen = model.conv1.qat_bn.running_var.clone()
+    _train(model, opt, 3)
+    assert torch.equal(model.conv1.qat_bn.running_var, frozen)
+    assert not model.conv1.qat_bn.training
+
+
+def test_moving_average_ranges_move_then_freeze() -> None:
+    data = load_recipe("w8a8").to_dict()
+    data["qat"] = {
+        "weight_range": "minmax",
+        "input_range": "moving_average",
+        "averaging_constant": 0.5,
+        "freeze_ranges_after": 3,
+    }
+    model = _qat(Recipe.from_dict(data))
+    iq = model.head.input_quantizer
+    assert not iq.learned and iq.range == "moving_average"
+    start = iq.scale.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = _data(3)
+    for step in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x * 3.0), y).backward()  # a wider range than calibration
+        opt.step()
+        if step == 2:
+            at_freeze = iq.scale.clone()
+    assert float(at_freeze) > float(start)
+    assert torch.equal(iq.scale, at_freeze)
+
+
+def test_training_before_calibration_names_the_fix() -> None:
+    model = lowbit.prepare(_float_model(), "w4a8", qat=True)
+    with pytest.raises(RuntimeError, match=r"calibrate\(model, data\)"):
+        model(_data()[0])
+
+
+def test_lsq_gradient_scale_is_one_over_sqrt_n_qp() -> None:
+    assert lsq_grad_factor((16, 9), PerChannel(0), QDtype(4)) == pytest.approx(1 / (9 * 7) ** 0.5)
+    q = Quantizer(QuantSpec("int4", "per_channel"), shape=(4, 8))
+    q.set_range("lsq")
+    q.observe_tensor(torch.randn(4, 8))
+    w = torch.randn(4, 8)
+    q.train()(w).square().sum().backward()
+    assert q.scale.grad is not None and q.scale.grad.shape == (4,)
+    assert torch.isfinite(q.scale.grad).all() and q.scale.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_stochastic_gradient_rounding_is_unbiased(bits: int) -> None:
+    spec = QuantSpec(f"int{bits}", rounding="stochastic")
+    grad = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.stack([fake_quantize_gradient(grad, spec, gen) for _ in range(2000)])
+    step = float(grad.abs().max()) / spec.qdtype.qmax
+    assert len(torch.unique(draws[0] / step)) <= 2**bits
+    stderr = draws.std(dim=0) / 2000**0.5 + 1e-4 * step  # on the grid: no spread
+    z = ((draws.mean(dim=0) - grad) / stderr).abs()
+    assert float(z.max()) < 5.0  # every element's mean within 5 standard errors
+    nearest = fake_quantize_gradient(grad, QuantSpec(f"int{bits}", rounding="nearest"))
+    assert (draws.mean(dim=0) - grad).abs().mean() < (nearest - grad).abs().mean() / 4
+
+
+def test_recipe_gradient_spec_quantizes_the_gradients_a_layer_passes_back() -> None:
+    data = load_recipe("w8a8").to_dict()
+    data["default"]["gradient"] = {"dtype": "int4", "rounding": "stochastic"}
+    recipe = Recipe.from_dict(data)
+    assert recipe.default is not None and recipe.default.gradient is not None
+    model = lowbit.prepare(nn.Sequential(nn.Linear(16, 16)), recipe, qat=True)
+    lowbit.calibrate(model, [torch.randn(8, 16)])
+    x = torch.randn(8, 16, requires_grad=True)
+    model(x).pow(3).sum().backward()
+    assert x.grad is not None and model[0].weight.grad is not None
+    for grad in (x.grad, model[0].weight.grad):  # on a 4-bit grid of its own range
+        step = float(grad.abs().max()) / 7
+        levels = torch.round(grad / step)
+        assert (
+            torch.allclose(levels * step, grad, atol=1e-5 * step) and levels.unique().numel() <= 16
+        )
+
+
+def test_gradient_spec_is_checked() -> None:
+    with pytest.raises(RecipeError, match="per_tensor or per_channel"):
+        QuantConfig.from_dict(
+            {
+                "weight": {"dtype": "int8"},
+                "gradient": {"dtype": "int8", "granularity": "per_group:8"},
+            }
+        )
+    with pytest.raises(RecipeError, match=r"qat\.weight_range='ema' is unknown"):
+        Recipe.from_dict(load_recipe("w8a8").to_dict() | {"qat": {"weight_range": "ema"}})
+    with pytest.raises(RecipeError, match=r"unknown key\(s\) \['epochs'\]"):
+        Recipe.from_dict(load_recipe("w8a8").to_dict() | {"qat": {"epochs": 3}})
+
+
+@pytest.mark.parametrize("name", sorted(OBSERVERS))
+def test_observer_statistics_round_trip_through_state_dict(name: str) -> None:
+    spec = QuantSpec("int8", observer=name)
+    obs = make_observer(spec)
+    for seed in range(3):
+        obs(torch.randn(4, 64, generator=torch.Generator().manual_seed(seed)))
+    fresh = make_observer(spec)
+    fresh.load_state_dict(obs.state_dict())
+    assert fresh.batches == 3
+    for a, b in zip(fresh.qparams(), obs.qparams(), strict=True):
+        assert torch.equal(a, b)
