@@ -23,7 +23,13 @@ from safetensors import SafetensorError
 from torch import nn
 
 from lowbit.data.datasets import load_fashion_mnist
-from lowbit.data.training import default_cache_dir, evaluate, load_weights, save_weights, train
+from lowbit.data.training import (
+    default_cache_dir,
+    fashion_metadata,
+    load_weights,
+    save_weights,
+    train,
+)
 from lowbit.data.zoo import InvertedResidual, MobileNetV2Small
 
 __all__ = [
@@ -92,14 +98,7 @@ def _train_mobilenet(
         weight_decay=recipe.weight_decay, label_smoothing=recipe.label_smoothing,
         seed=recipe.seed, channels_last=True, progress=progress,
     )  # fmt: skip
-    seconds = time.perf_counter() - start
-    test_x, test_y = load_fashion_mnist("test", root=root)
-    metadata = {
-        "recipe": json.dumps(dataclasses.asdict(recipe), sort_keys=True),
-        "train_seconds": f"{seconds:.1f}",
-        "test_accuracy": f"{evaluate(model, test_x, test_y):.4f}",
-    }
-    return model, metadata
+    return model, fashion_metadata(model, recipe, time.perf_counter() - start, root)
 
 
 def pretrained_mobilenet_fashion_mnist(

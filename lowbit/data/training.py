@@ -10,6 +10,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -260,14 +261,25 @@ def _train_fashion_resnet(
     for key in ("widths", "blocks"):
         kwargs.pop(key)
     train(model, x, y, progress=progress, **kwargs)
-    seconds = time.perf_counter() - start
+    return model, fashion_metadata(model, recipe, time.perf_counter() - start, root)
+
+
+def fashion_metadata(
+    model: nn.Module, recipe: Any, seconds: float, root: str | Path | None = None
+) -> dict[str, str]:
+    """What a cached Fashion-MNIST model's file header records: its training recipe (a
+    dataclass), the training time and the test accuracy.
+
+    >>> from lowbit.data.zoo import MLP  # doctest: +SKIP
+    >>> fashion_metadata(MLP(784), TrainRecipe(), 1.0)["train_seconds"]  # doctest: +SKIP
+    '1.0'
+    """
     test_x, test_y = load_fashion_mnist("test", root=root)
-    metadata = {
+    return {
         "recipe": json.dumps(dataclasses.asdict(recipe), sort_keys=True),
         "train_seconds": f"{seconds:.1f}",
         "test_accuracy": f"{evaluate(model, test_x, test_y):.4f}",
     }
-    return model, metadata
 
 
 def pretrained_resnet_fashion_mnist(
