@@ -19,6 +19,7 @@ from lowbit.api import calibrate, convert, prepare, prepared_info, quantize, qua
 from lowbit.config import QuantConfig, Recipe, RecipeError, Rule, list_recipes, load_recipe
 from lowbit.export import CheckpointError, inspect, load, save, theoretical_size
 from lowbit.export.onnx import export_onnx
+from lowbit.qat import fit, prepare_qat
 from lowbit.report.metrics import sqnr_db
 from lowbit.report.summary import ModelSummary, summary
 from lowbit.runtime import CompileReport, compile, kernel_report
@@ -45,12 +46,14 @@ __all__ = [
     "compile",
     "convert",
     "export_onnx",
+    "fit",
     "inspect",
     "kernel_report",
     "list_recipes",
     "load",
     "load_recipe",
     "prepare",
+    "prepare_qat",
     "prepared_info",
     "quantize",
     "quantized_layers",

@@ -17,6 +17,9 @@ mode). Measured when the floors were set, on this test's seed and [min over 6 se
     w4a8-adaround   29.3              floor 24  (40 iterations: FAST_ARGS)
     w4a4-adaround   34.2              floor 28  (40 iterations; first/last layers at 8 bits)
     w2a8-brecq      18.4              floor 13  (40 iterations; first/last layers at 8 bits)
+    w8a8-qat        51.7              floor 40  (QAT recipes here: their specs, rounded to nearest)
+    w4a4-lsq        34.0              floor 28
+    w2a4-lsq        14.4              floor 10
 
 A new shipped recipe must add its own measured floor here.
 """
@@ -49,6 +52,9 @@ SQNR_FLOOR_DB = {
     "w4a8-adaround": 24.0,
     "w4a4-adaround": 28.0,
     "w2a8-brecq": 13.0,
+    "w8a8-qat": 40.0,
+    "w4a4-lsq": 28.0,
+    "w2a4-lsq": 10.0,
 }
 RECIPES = sorted(list_recipes())
 FAST_ARGS = {"adaround": {"iters": 40}, "brecq": {"iters": 40}}  # the suite stays quick
