@@ -30,6 +30,7 @@ from lowbit.nn import (
     twin_class,
     unswappable_layers,
 )
+from lowbit.nn.rank_sync import average_ranges, exactly_merged, merge_observers
 from lowbit.nn.tied import WeightTies
 from lowbit.observers import make_observer
 from lowbit.recipe_qat import QatConfig
@@ -365,6 +366,7 @@ def calibrate(
     num_batches: int | None = None,
     progress: bool = False,
     accumulate: bool = False,
+    sync_ranks: bool = False,
 ) -> M:
     """Run calibration batches through a prepared model, then fix every range.
 
@@ -372,7 +374,10 @@ def calibrate(
     submodule gets back the train/eval mode it had (a frozen batch norm stays in eval).
     Calibrating again with new data computes the ranges from that data alone; with
     ``accumulate=True`` it adds the new data to what the observers already saw.
-    ``progress=True`` shows a progress bar over the batches.
+    ``progress=True`` shows a progress bar over the batches. ``sync_ranks=True`` (every
+    process of a ``torch.distributed`` job calibrating on its own data) merges the
+    statistics over all ranks first, so every rank fixes the same ranges
+    (:mod:`lowbit.nn.rank_sync`).
 
     >>> m = prepare(torch.nn.Sequential(torch.nn.Linear(4, 4)), "w8a8")
     >>> m = calibrate(m, [torch.randn(8, 4)])
@@ -419,7 +424,13 @@ def calibrate(
                     f"layer {name!r} saw no calibration data (is it used in forward?); keep it "
                     f"in float with a rule {{match: {name!r}, config: null}}"
                 )
+        inexact = [q for q in watching.values() if not exactly_merged(q)]
+        if sync_ranks:
+            merge_observers(watching.values())
+        for quantizer in watching.values():
             quantizer.finish_observing()
+        if sync_ranks:
+            average_ranges(inexact, fixed=True)
     finally:
         for module, was_training in modes:
             module.training = was_training
