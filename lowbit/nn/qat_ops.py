@@ -34,11 +34,6 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """``x`` forward, gradient multiplied by ``factor`` backward."""
-    return (x - x * factor).detach() + x * factor
-
-
 def lsq_grad_factor(shape: tuple[int, ...], gran: Granularity, dtype: QDtype) -> float:
     """LSQ's gradient scale ``1 / sqrt(N * Qp)`` for a tensor of ``shape`` (N: elements that
     share one scale, Qp: the grid's largest positive level, at least 1).
@@ -71,11 +66,78 @@ def lsq_fake_quantize(
     >>> y.sum().backward(); y.tolist(), round(s.grad.item(), 4)  # 1 - 0.3/0.5, clipped: 7
     ([0.5, 3.5], 7.4)
     """
-    view, s, restore = _broadcast(x, _scale_grad(scale, grad_factor), gran)
-    _, z, _ = _broadcast(x, _scale_grad(zero_point, grad_factor), gran)
-    z = round_ste(z)
-    q = torch.clamp(round_ste(view / s) + z, dtype.qmin, dtype.qmax)
-    return restore((q - z) * s)
+    view, s, restore = _broadcast(x, scale, gran)
+    _, z, _ = _broadcast(x, zero_point, gran)
+    if not torch.is_grad_enabled():
+        zr = torch.round(z)
+        q = torch.round(view / s).add_(zr).clamp_(dtype.qmin, dtype.qmax)
+        return restore(q.sub_(zr).mul_(s))
+    out: torch.Tensor = _LsqFakeQuant.apply(view, s, z, dtype.qmin, dtype.qmax, grad_factor)
+    return restore(out)
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum ``t`` over the dimensions it was broadcast along to become ``t.shape`` from
+    ``shape``."""
+    if t.shape == shape:
+        return t
+    lead = t.ndim - len(shape)
+    dims = list(range(lead)) + [
+        lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1
+    ]
+    return t.sum(dim=dims, keepdim=True).reshape(shape)
+
+
+class _LsqFakeQuant(torch.autograd.Function):
+    """LSQ in one node: the same values and gradients as the straight-through formula above,
+    a few elementwise passes instead of autograd's dozen."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        v: torch.Tensor,
+        s: torch.Tensor,
+        z: torch.Tensor,
+        qmin: int,
+        qmax: int,
+        grad_factor: float,
+    ) -> torch.Tensor:
+        zr = torch.round(z.detach())
+        centred = not z.requires_grad and not bool(zr.any())  # symmetric: skip the offset
+        ratio = v.detach() / s.detach()
+        q = torch.round(ratio)
+        if not centred:
+            q.add_(zr)
+        clipped = q.clamp(qmin, qmax)
+        inside = q == clipped
+        if not centred:
+            clipped.sub_(zr)  # q - z on the grid
+        out = clipped * s.detach()
+        # d out / d s: (q - z - v/s) inside the grid, (q - z) where clipped
+        ds = torch.where(inside, clipped - ratio, clipped)
+        ctx.save_for_backward(inside, ds, s)
+        ctx.shapes = (s.shape, z.shape, z.requires_grad)
+        ctx.grad_factor = grad_factor
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (g,) = grads
+        inside, ds, s = ctx.saved_tensors
+        s_shape, z_shape, z_learns = ctx.shapes
+        grad_v = g * inside if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            if s.numel() == 1:  # one scale: a dot product, one pass
+                total = torch.dot(g.reshape(-1), ds.reshape(-1))
+                grad_s = (total * ctx.grad_factor).reshape(s_shape)
+            else:
+                grad_s = _sum_to(g * ds, s_shape) * ctx.grad_factor
+        grad_z = None
+        if z_learns and ctx.needs_input_grad[2]:  # LSQ+: -s where clipped, 0 inside
+            clipped = _sum_to(g * ~inside, z_shape)
+            grad_z = -clipped * s.detach() * ctx.grad_factor
+        return grad_v, grad_s, grad_z, None, None, None
 
 
 class _GradientQuantizer(torch.autograd.Function):

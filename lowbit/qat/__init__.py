@@ -8,5 +8,14 @@ gradient quantization in :mod:`lowbit.nn.qat_ops`); this package puts them toget
 from __future__ import annotations
 
 from lowbit.qat.loop import fit, prepare_qat
+from lowbit.qat.session import EpochRecord, QatRun, QatSchedule, accuracy_on, train_qat
 
-__all__ = ["fit", "prepare_qat"]
+__all__ = [
+    "EpochRecord",
+    "QatRun",
+    "QatSchedule",
+    "accuracy_on",
+    "fit",
+    "prepare_qat",
+    "train_qat",
+]

@@ -15,7 +15,7 @@ from lowbit.nn.qat_ops import fake_quantize_gradient, lsq_grad_factor
 from lowbit.nn.quantizer import Quantizer
 from lowbit.observers import OBSERVERS, make_observer
 from lowbit.report.metrics import sqnr_db
-from lowbit.spec import PerChannel, QDtype, QuantSpec
+from lowbit.spec import PerChannel, PerGroup, PerTensor, QDtype, QuantSpec
 
 
 class ConvNet(nn.Module):
@@ -268,3 +268,42 @@ def test_qat_recovers_what_post_training_2_bit_quantization_loses() -> None:
     assert fp32 > 0.9
     assert qat > ptq + 0.2, (fp32, ptq, qat)  # measured: 0.91, 0.53, 0.89
     assert qat > fp32 - 0.05, (fp32, ptq, qat)
+
+
+def _lsq_reference(x, scale, zero, dtype, gran, factor):
+    """LSQ written with autograd's own ops (straight-through round, scaled gradients)."""
+    from lowbit.nn.qat_ops import round_ste
+    from lowbit.primitives import _broadcast
+
+    def scaled(t):
+        return (t - t * factor).detach() + t * factor
+
+    view, s, restore = _broadcast(x, scaled(scale), gran)
+    _, z, _ = _broadcast(x, scaled(zero), gran)
+    z = round_ste(z)
+    q = torch.clamp(round_ste(view / s) + z, dtype.qmin, dtype.qmax)
+    return restore((q - z) * s)
+
+
+@pytest.mark.parametrize(
+    "gran", [PerTensor(), PerChannel(0), PerGroup(4)], ids=["tensor", "channel", "group"]
+)
+def test_fused_lsq_matches_the_autograd_formula(gran) -> None:
+    from lowbit.nn.qat_ops import lsq_fake_quantize
+    from lowbit.primitives import qparam_shape
+
+    torch.manual_seed(0)
+    dtype = QDtype(4, signed=False)
+    shape = qparam_shape((6, 8), gran)
+    grads = []
+    for fn in (lsq_fake_quantize, _lsq_reference):
+        x = (torch.randn(6, 8) * 2).requires_grad_()
+        torch.manual_seed(1)
+        x.data = torch.randn(6, 8) * 2
+        scale = torch.full(shape, 0.2).requires_grad_()
+        zero = torch.full(shape, 7.3).requires_grad_()
+        out = fn(x, scale, zero, dtype, gran, 0.3)
+        (out * torch.linspace(-1, 1, 48).view(6, 8)).sum().backward()
+        grads.append((out.detach(), x.grad, scale.grad, zero.grad))
+    for mine, ref in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(mine, ref)
