@@ -1,7 +1,7 @@
 """Quantization-aware training figures: the ResNet at w4a4/w2a4/w8a8/binary, an MNIST MLP from
 scratch with int8 gradients, and two-process DDP with the int8/int4 gradient hooks.
 
-    .venv/bin/python -m benchmarks.qat [--only resnet mnist ddp binary] [--out FILE]
+    .venv/bin/python -m benchmarks.qat [--only resnet timing binary mnist ddp] [--out FILE]
 
 Everything on the full test sets (Fashion-MNIST / MNIST, 10k images). The ResNet starts from the
 cached FP32 weights (`lowbit demo` trains them once). Accuracies are of the converted model on
@@ -42,7 +42,7 @@ RESNET_RUNS = [
     ("w2a4-lsq", 5, 0.01),
     ("w8a8-qat", 1, 0.005),
 ]
-BINARY_RUN = ("w1a8-binary", 5, 0.01)
+BINARY_RUN = ("w1a8-binary", 3, 0.01)
 DDP_RECIPE, DDP_EPOCHS = "w4a4-lsq", 2
 
 
@@ -96,6 +96,20 @@ def resnet(only_binary: bool = False) -> dict[str, Any]:
     rows = [_resnet_run(model, r, e, lr, (tx, ty, vx, vy), fp32) for r, e, lr in runs]
     result["runs"] = rows
     return result
+
+
+def timing() -> dict[str, Any]:
+    """One training epoch each, back to back in the same loop: float, w4a4-lsq, w8a8-qat."""
+    model = pretrained_resnet_fashion_mnist(progress=True)
+    tx, ty = load_fashion_mnist("train")
+    out: dict[str, Any] = {}
+    for name in ("float", "w4a4-lsq", "w8a8-qat"):
+        recipe = None if name == "float" else name
+        run = train_qat(model, recipe, tx, ty, QatSchedule(epochs=1, lr=0.005))
+        out[name] = run.history[0].seconds
+    for name in ("w4a4-lsq", "w8a8-qat"):
+        out[f"{name}_vs_float"] = out[name] / out["float"]
+    return out
 
 
 def mnist(epochs: int = 10, lr: float = 0.05) -> dict[str, Any]:
@@ -178,6 +192,15 @@ def _print(results: dict[str, Any]) -> None:
         if float_s:
             t.add_row("float epoch", "1", "", "", "", "", f"{float_s:.1f}")
         console.print(t)
+    tm = results.get("timing")
+    if tm:
+        t = Table(title="One ResNet training epoch (60k images), the same loop")
+        for col in ("training", "seconds", "vs float"):
+            t.add_column(col, justify="right")
+        t.add_row("float", f"{tm['float']:.1f}", "1.00")
+        for name in ("w4a4-lsq", "w8a8-qat"):
+            t.add_row(name, f"{tm[name]:.1f}", f"{tm[name + '_vs_float']:.2f}x")
+        console.print(t)
     m = results.get("mnist")
     if m:
         t = Table(title=f"MNIST MLP 784-256-10 from scratch, {m['epochs']} epochs")
@@ -207,13 +230,16 @@ def _print(results: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", nargs="+", choices=["resnet", "mnist", "ddp", "binary"], default=None
+        "--only",
+        nargs="+",
+        choices=["resnet", "timing", "mnist", "ddp", "binary"],
+        default=None,
     )
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args()
     out = Path(args.out)
     results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
-    sections = args.only or ["resnet", "binary", "mnist", "ddp"]
+    sections = args.only or ["resnet", "timing", "binary", "mnist", "ddp"]
     for section in sections:
         if section == "resnet":
             binary = results.get("resnet", {}).get("binary", [])
@@ -223,6 +249,8 @@ def main() -> None:
             got = resnet(only_binary=True)
             res["fp32"] = got["fp32"]
             res["binary"] = got["runs"]
+        elif section == "timing":
+            results["timing"] = timing()
         elif section == "mnist":
             results["mnist"] = mnist()
         else:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.primitives import blocks, choose_qparams, minmax, qparam_shape
+from lowbit.primitives import _sign, blocks, choose_qparams, minmax, qparam_shape
 from lowbit.spec import PerTensor, QuantSpec, SpecError
 
 __all__ = [
@@ -309,7 +309,8 @@ class MSEObserver(_SampleObserver):
         dtype = self.spec.qdtype
         scale, zero = choose_qparams(lo * ratio, hi * ratio, dtype, self.spec.symmetric)
         s, z = scale.unsqueeze(1), zero.unsqueeze(1).float()  # (blocks, 1)
-        q = torch.div(rows, s).round_().add_(z).clamp_(dtype.qmin, dtype.qmax)
+        q = torch.div(rows, s)
+        q = (_sign(q) if dtype.binary else q.round_()).add_(z).clamp_(dtype.qmin, dtype.qmax)
         q.sub_(z).mul_(s).sub_(rows)  # (blocks, n): the error
         return q.square_().nansum(dim=1)  # nan: padding of a short group
 

@@ -192,6 +192,18 @@ def choose_qparams(
     return scale, zero
 
 
+def _sign(v: torch.Tensor) -> torch.Tensor:
+    """The binary grid's rounding: +1 for v >= 0, -1 below."""
+    return torch.where(v >= 0, 1.0, -1.0).to(v.dtype)
+
+
+def _to_grid(
+    v: torch.Tensor, dtype: QDtype, rounding: str, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``v`` (``x / scale``) rounded onto the grid's integers, before the zero point."""
+    return _sign(v) if dtype.binary else _round(v, rounding, generator)
+
+
 def _round(v: torch.Tensor, rounding: str, generator: torch.Generator | None) -> torch.Tensor:
     if rounding == "nearest":
         return torch.round(v)  # round half to even
@@ -218,7 +230,7 @@ def quantize(
     gran = granularity or PerTensor()
     view, s, restore = _broadcast(x, scale, gran)
     _, z, _ = _broadcast(x, zero_point, gran)
-    q = _round(view.float() / s, rounding, generator) + z
+    q = _to_grid(view.float() / s, dtype, rounding, generator) + z
     q = torch.clamp(q, dtype.qmin, dtype.qmax)
     return restore(q).to(storage_dtype(dtype))
 
@@ -257,8 +269,11 @@ class _FakeQuantSTE(torch.autograd.Function):
         view, s, restore = _broadcast(x, scale, granularity)
         _, z, _ = _broadcast(x, zero_point, granularity)
         v = view / s
-        q = _round(v, rounding, generator) + z
-        inside = (v + z >= dtype.qmin - 0.5) & (v + z <= dtype.qmax + 0.5)
+        q = _to_grid(v, dtype, rounding, generator) + z
+        if dtype.binary:  # BinaryConnect's straight-through window
+            inside = v.abs() <= 1
+        else:
+            inside = (v + z >= dtype.qmin - 0.5) & (v + z <= dtype.qmax + 0.5)
         out = (torch.clamp(q, dtype.qmin, dtype.qmax) - z) * s
         ctx.save_for_backward(restore(inside))
         return restore(out).to(x.dtype)
@@ -298,7 +313,7 @@ def fake_quantize(
     # Inference: the same arithmetic in place, without the clipping mask the gradient needs.
     view, s, restore = _broadcast(x, scale, gran)
     _, z, _ = _broadcast(x, zero_point, gran)
-    q = _round(view / s, rounding, generator)
+    q = _to_grid(view / s, dtype, rounding, generator)
     q.add_(z).clamp_(dtype.qmin, dtype.qmax).sub_(z).mul_(s)
     return restore(q).to(x.dtype)
 
@@ -313,6 +328,14 @@ def pack_bits(q: torch.Tensor, dtype: QDtype) -> torch.Tensor:
     [240, 8]
     """
     u = q.detach().reshape(-1).to(torch.int32) - dtype.qmin  # (n,) in [0, 2**bits)
+    if dtype.binary:
+        if u.numel() and bool((u == 1).any()):
+            raise ValueError(
+                "pack_bits: a binary weight holds 0; binary values are -1 or +1 (quantize "
+                "with lowbit.primitives.quantize; rounding algorithms such as GPTQ and "
+                "AdaRound do not support binary)"
+            )
+        u = u >> 1  # -1 -> 0, +1 -> 1
     if u.numel() and (int(u.min()) < 0 or int(u.max()) >= (1 << dtype.bits)):
         raise ValueError(f"pack_bits: values outside the {dtype} range; quantize them first")
     width = dtype.storage_bits
@@ -345,4 +368,6 @@ def unpack_bits(packed: torch.Tensor, dtype: QDtype, numel: int) -> torch.Tensor
         per_byte = 8 // width
         shifts = torch.arange(per_byte, dtype=torch.int32) * width
         u = ((data.view(-1, 1) >> shifts) & ((1 << width) - 1)).reshape(-1)[:numel]
+    if dtype.binary:
+        u = u << 1  # 0 -> -1, 1 -> +1 (after the offset below)
     return (u + dtype.qmin).to(storage_dtype(dtype))

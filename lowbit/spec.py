@@ -59,10 +59,18 @@ class QDtype:
                 f"bits={self.bits!r} is out of range: lowbit supports {_MIN_BITS} to {_MAX_BITS} "
                 "bits (2..8 for weights and activations, 16 for high-precision layers)"
             )
-        if self.signed and self.bits < 2:
-            raise SpecError("int1 has no room for a sign: use uint1 (binary) or int2 (ternary)")
         if self.narrow and self.bits < 2:
             raise SpecError("a narrow range needs at least 2 bits: use narrow_range: false")
+
+    @property
+    def binary(self) -> bool:
+        """The 1-bit signed grid ``{-1, +1}`` (``"binary"``: sign times a scale, as in
+        BinaryConnect / XNOR-Net); it has no zero, so it is symmetric only.
+
+        >>> QDtype.parse("binary").binary, QDtype.parse("binary").qmin, QDtype.parse("binary").qmax
+        (True, -1, 1)
+        """
+        return self.signed and self.bits == 1
 
     @property
     def qmin(self) -> int:
@@ -73,6 +81,8 @@ class QDtype:
     @property
     def qmax(self) -> int:
         """Largest integer on the grid."""
+        if self.binary:
+            return 1
         return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
 
     @property
@@ -84,6 +94,8 @@ class QDtype:
         raise AssertionError("unreachable: bits validated in __post_init__")
 
     def __str__(self) -> str:
+        if self.binary:
+            return "binary"
         return f"{'int' if self.signed else 'uint'}{self.bits}"
 
     @classmethod
@@ -95,10 +107,12 @@ class QDtype:
         """
         if isinstance(name, QDtype):
             return name
+        if str(name).strip().lower() in ("binary", "int1"):
+            return cls(1, signed=True)
         match = re.fullmatch(r"(u?)int(\d+)", str(name).strip().lower())
         if match is None:
             raise SpecError(
-                f"unknown dtype {name!r}: write int2..int8, int16 or uint1..uint8, uint16"
+                f"unknown dtype {name!r}: write binary, int2..int8, int16 or uint1..uint8, uint16"
             )
         return cls(int(match.group(2)), signed=match.group(1) == "")
 
@@ -284,6 +298,11 @@ class QuantSpec:
             raise SpecError(
                 "per_token scales follow each input row, so they are computed at run time: "
                 "set dynamic: true (or use per_tensor for a calibrated static input)"
+            )
+        if dtype.binary and (not self.symmetric or self.rounding != "nearest"):
+            raise SpecError(
+                "binary ({-1, +1} times a scale) has no zero to offset and rounds by sign: "
+                "set symmetric: true and rounding: nearest"
             )
         if self.narrow_range and not self.symmetric:
             raise SpecError(

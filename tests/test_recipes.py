@@ -20,6 +20,7 @@ mode). Measured when the floors were set, on this test's seed and [min over 6 se
     w8a8-qat        51.7              floor 40  (QAT recipes here: their specs, rounded to nearest)
     w4a4-lsq        34.0              floor 28
     w2a4-lsq        14.4              floor 10
+    w1a8-binary     15.3              floor 10  (binary conv2 only: first/last layers at 8 bits)
 
 A new shipped recipe must add its own measured floor here.
 """
@@ -55,6 +56,7 @@ SQNR_FLOOR_DB = {
     "w8a8-qat": 40.0,
     "w4a4-lsq": 28.0,
     "w2a4-lsq": 10.0,
+    "w1a8-binary": 10.0,
 }
 RECIPES = sorted(list_recipes())
 FAST_ARGS = {"adaround": {"iters": 40}, "brecq": {"iters": 40}}  # the suite stays quick

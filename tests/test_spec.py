@@ -69,11 +69,15 @@ def test_qdtype_bad_bits_name_the_field_and_the_range(bits: int) -> None:
         QDtype(bits)
 
 
-def test_int1_is_rejected_with_the_fix() -> None:
-    with pytest.raises(SpecError, match="uint1"):
-        QDtype(1, signed=True)
-    with pytest.raises(SpecError, match="uint1"):
-        QDtype.parse("int1")
+def test_binary_is_the_signed_one_bit_grid() -> None:
+    binary = QDtype.parse("binary")
+    assert binary == QDtype(1, signed=True) == QDtype.parse("int1")
+    assert (binary.qmin, binary.qmax, binary.storage_bits, str(binary)) == (-1, 1, 1, "binary")
+    assert QDtype.parse(str(binary)) == binary
+    with pytest.raises(SpecError, match="binary.*symmetric: true"):
+        QuantSpec("binary", symmetric=False)
+    with pytest.raises(SpecError, match="narrow"):
+        QDtype(1, signed=True, narrow=True)
 
 
 @pytest.mark.parametrize("name", ["float8", "int", "i8", "int4x", "qint8", "", "int 8", "8"])
@@ -167,7 +171,7 @@ def test_observer_args_order_does_not_matter() -> None:
     ("kwargs", "pattern"),
     [
         ({"dtype": "float16"}, "unknown dtype 'float16'.*int2..int8"),
-        ({"dtype": "int1"}, "int1.*uint1"),
+        ({"dtype": "binary", "rounding": "stochastic"}, "binary.*rounding: nearest"),
         ({"dtype": QDtype(8), "granularity": "per_row"}, "granularity kind 'per_row'.*per_tensor"),
         ({"observer": "kl"}, "observer='kl' is unknown.*minmax.*entropy"),
         ({"rounding": "floor"}, "rounding='floor' is unknown.*nearest.*stochastic"),

@@ -5,6 +5,8 @@ lowbit quantize --model MOD:FACTORY|hf:DIR [--weights CKPT] [--data MOD:CALLABLE
 lowbit eval --model MOD:FACTORY|hf:DIR [--weights CKPT] --quantized FILE --data MOD:CALLABLE
 lowbit export FILE --model MOD:FACTORY --example SHAPE|MOD:CALLABLE --out model.onnx
 lowbit inspect FILE
+lowbit qat --model resnet|mlp|MOD:FACTORY --data fashion-mnist|mnist|MOD:CALLABLE --recipe R
+           --epochs N --out FILE [--nproc 2 [--grad-bits 8|4]]
 lowbit recipes
 lowbit demo
 
@@ -34,6 +36,7 @@ from lowbit.cli.inputs import (
     os_error_message,
     write_error,
 )
+from lowbit.cli.qat_command import add_qat_parser
 
 __all__ = ["main", "build_parser"]
 
@@ -228,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("file")
     i.set_defaults(run=_cmd_inspect)
+
+    add_qat_parser(sub)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(run=_cmd_recipes)

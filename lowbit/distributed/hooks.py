@@ -7,8 +7,10 @@ to hold the averaged bucket. :func:`quantized_allreduce_hook` splits the bucket 
 rank could not send (its quantization error) is kept per bucket and added to that bucket's next
 gradient (**error feedback**), so nothing is lost over steps, only delayed.
 
-Every rank sends the same number of bytes: ``n·bits/8 + 4·ceil(n/chunk_size)`` for a bucket of
-``n`` float32 values, against ``4·n`` for float32 all-reduce; the state counts both. The
+Every rank sends the same number of bytes: ``c·chunk_size·bits/8 + 4·c`` for a bucket of ``n``
+values in ``c = ceil(n/chunk_size)`` chunks (the last one padded), against ``4·n`` for float32
+all-reduce; the state counts both. DDP regroups its buckets after the first iteration, so the
+hook starts error feedback at the second. The
 payloads travel by ``all_gather`` (an all-reduce cannot sum integers on different scales); on
 two ranks that moves as many bytes per rank as a ring all-reduce of the same payload would.
 
@@ -76,6 +78,7 @@ class CompressionState(AllReduceState):
     chunk_size: int = 512
     error_feedback: bool = True
     residuals: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    iterations: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -106,9 +109,12 @@ def encode_chunks(x: torch.Tensor, bits: int, chunk_size: int) -> tuple[torch.Te
     padded[:n] = x.detach().reshape(-1)
     rows = padded.view(chunks, chunk_size)  # (chunks, chunk_size)
     qmax = 2 ** (bits - 1) - 1
-    scale = rows.abs().amax(dim=1) / qmax  # (chunks,)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(rows / scale[:, None]).clamp_(-qmax, qmax)  # (chunks, chunk_size)
+    amax = rows.abs().amax(dim=1)  # (chunks,): NaN or Inf where a chunk is not finite
+    finite = torch.isfinite(amax)
+    scale = torch.where(finite & (amax > 0), amax / qmax, torch.ones_like(amax))
+    q = torch.round(rows / scale[:, None]).nan_to_num_(0.0).clamp_(-qmax, qmax)
+    # a chunk holding NaN/Inf is sent with a NaN scale: every rank's mean shows it
+    scale = torch.where(finite, scale, torch.full_like(scale, math.nan))
     sent = (q * scale[:, None]).reshape(-1)[:n]
     if bits == 8:
         body = q.to(torch.int8).view(torch.uint8).reshape(-1)
@@ -145,22 +151,25 @@ def decode_chunks(payload: torch.Tensor, numel: int, bits: int, chunk_size: int)
 
 
 def quantized_allreduce(
-    tensor: torch.Tensor, state: CompressionState, key: int = 0
+    tensor: torch.Tensor, state: CompressionState, key: int = 0, feedback: bool = True
 ) -> torch.futures.Future[torch.Tensor]:
     """The mean of ``tensor`` over all ranks, sent as ``state.bits``-bit chunks; ``key`` names
-    the residual kept for error feedback (DDP's bucket index). Returns a future.
+    the residual kept for error feedback (DDP's bucket index), ``feedback=False`` skips it
+    for this call. A NaN or Inf in a chunk arrives as NaN (never hidden, never kept in the
+    residual). Returns a future.
 
     >>> s = CompressionState()  # inside a process group: quantized_allreduce(grad, s).wait()
     >>> s.bytes_sent
     0
     """
     flat = tensor.detach().reshape(-1).float()
+    feedback = feedback and state.error_feedback
     residual = state.residuals.get(key)
-    if state.error_feedback and residual is not None and residual.shape == flat.shape:
+    if feedback and residual is not None and residual.shape == flat.shape:
         flat = flat + residual
     payload, sent = encode_chunks(flat, state.bits, state.chunk_size)
-    if state.error_feedback:
-        state.residuals[key] = flat - sent
+    if feedback:
+        state.residuals[key] = torch.nan_to_num(flat - sent, nan=0.0, posinf=0.0, neginf=0.0)
     state.count(flat.numel(), payload.numel())
     world = dist.get_world_size(state.group)
     gathered = [torch.empty_like(payload) for _ in range(world)]
@@ -185,7 +194,12 @@ def quantized_allreduce_hook(
 
     >>> hook = quantized_allreduce_hook  # ddp.register_comm_hook(CompressionState(bits=8), hook)
     """
-    return quantized_allreduce(bucket.buffer(), state, key=bucket.index())
+    # DDP regroups its buckets after the first iteration: residuals start from the second
+    feedback = state.iterations > 0
+    future = quantized_allreduce(bucket.buffer(), state, key=bucket.index(), feedback=feedback)
+    if bucket.is_last():
+        state.iterations += 1
+    return future
 
 
 def fp32_allreduce_hook(

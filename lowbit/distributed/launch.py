@@ -9,6 +9,7 @@ into an error naming it, stopping the others, within ``timeout_s``.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 import sys
@@ -90,7 +91,7 @@ def _worker(
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=nproc,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=datetime.timedelta(seconds=timeout_s or 1800.0),
         )
         try:
             messages.put(("ok", rank, _to_host(fn(rank, *args))))
@@ -159,14 +160,15 @@ def run_local(
     fn: Callable[..., Any],
     nproc: int = 2,
     args: tuple[Any, ...] = (),
-    timeout_s: float = 600.0,
+    timeout_s: float | None = 600.0,
     threads: int | None = None,
 ) -> list[Any]:
     """Run ``fn(rank, *args)`` on ``nproc`` spawned processes in one gloo process group on
     localhost and return their results by rank (tensors come back as tensors). ``fn`` must be
     importable (a module-level function). Each rank gets ``threads`` torch threads (default:
     the cores shared out). A rank that raises or dies stops the others and raises
-    :class:`RankFailedError` naming it; so does running past ``timeout_s``.
+    :class:`RankFailedError` naming it; so does running past ``timeout_s`` (None: no
+    deadline for the job; a collective still gives up after 30 minutes without its peers).
 
     >>> run_local(_double, nproc=2, args=(21,))  # doctest: +SKIP
     [42, 42]
@@ -184,7 +186,7 @@ def run_local(
     job = _Job(procs, messages)
     for p in procs:
         p.start()
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout_s if timeout_s is not None else math.inf
     try:
         while any(p.is_alive() for p in procs):
             job.drain()

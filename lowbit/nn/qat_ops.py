@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lowbit.primitives import _broadcast, _round, choose_qparams, minmax, qparam_shape
+from lowbit.primitives import _broadcast, _round, _to_grid, choose_qparams, minmax, qparam_shape
 from lowbit.spec import Granularity, PerGroup, PerTensor, QDtype, QuantSpec
 
 __all__ = ["lsq_fake_quantize", "lsq_grad_factor", "quantize_gradient", "round_ste"]
@@ -70,9 +70,9 @@ def lsq_fake_quantize(
     _, z, _ = _broadcast(x, zero_point, gran)
     if not torch.is_grad_enabled():
         zr = torch.round(z)
-        q = torch.round(view / s).add_(zr).clamp_(dtype.qmin, dtype.qmax)
+        q = _to_grid(view / s, dtype, "nearest", None).add_(zr).clamp_(dtype.qmin, dtype.qmax)
         return restore(q.sub_(zr).mul_(s))
-    out: torch.Tensor = _LsqFakeQuant.apply(view, s, z, dtype.qmin, dtype.qmax, grad_factor)
+    out: torch.Tensor = _LsqFakeQuant.apply(view, s, z, dtype, grad_factor)
     return restore(out)
 
 
@@ -98,20 +98,15 @@ class _LsqFakeQuant(torch.autograd.Function):
         v: torch.Tensor,
         s: torch.Tensor,
         z: torch.Tensor,
-        qmin: int,
-        qmax: int,
+        dtype: QDtype,
         grad_factor: float,
     ) -> torch.Tensor:
         zr = torch.round(z.detach())
-        centred = not z.requires_grad and not bool(zr.any())  # symmetric: skip the offset
         ratio = v.detach() / s.detach()
-        q = torch.round(ratio)
-        if not centred:
-            q.add_(zr)
-        clipped = q.clamp(qmin, qmax)
-        inside = q == clipped
-        if not centred:
-            clipped.sub_(zr)  # q - z on the grid
+        q = _to_grid(ratio, dtype, "nearest", None)  # round(x / s): q - z on the grid after
+        clipped = q.clamp(dtype.qmin - zr, dtype.qmax - zr)  # the clamp, shifted by z
+        # binary: BinaryConnect's straight-through window |x / s| <= 1
+        inside = ratio.abs() <= 1 if dtype.binary else q == clipped
         out = clipped * s.detach()
         # d out / d s: (q - z - v/s) inside the grid, (q - z) where clipped
         ds = torch.where(inside, clipped - ratio, clipped)
@@ -137,7 +132,7 @@ class _LsqFakeQuant(torch.autograd.Function):
         if z_learns and ctx.needs_input_grad[2]:  # LSQ+: -s where clipped, 0 inside
             clipped = _sum_to(g * ~inside, z_shape)
             grad_z = -clipped * s.detach() * ctx.grad_factor
-        return grad_v, grad_s, grad_z, None, None, None
+        return grad_v, grad_s, grad_z, None, None
 
 
 class _GradientQuantizer(torch.autograd.Function):

@@ -159,8 +159,8 @@ def average_ranges(
     for q in moving:
         assert isinstance(q.observer, MovingAverageMinMaxObserver)
         summed += [q.observer.min_val, q.observer.max_val]
-    for q in fixed_ones:
-        summed += list(_covered_range(q))
+    for q in fixed_ones:  # symmetric grids: the scale itself (the zero point is fixed)
+        summed += [q.fixed_qparams()[0]] if q.spec.symmetric else list(_covered_range(q))
     _, summed = _reduce([], summed, group)
     for q in moving:
         obs = q.observer
@@ -168,6 +168,9 @@ def average_ranges(
         obs.min_val, obs.max_val = summed.pop(0) / world, summed.pop(0) / world
         q.set_qparams(*obs.qparams())
     for q in fixed_ones:
+        if q.spec.symmetric:
+            q.set_qparams(summed.pop(0).float() / world, q.fixed_qparams()[1])
+            continue
         lo, hi = summed.pop(0) / world, summed.pop(0) / world
         q.set_qparams(*choose_qparams(lo, hi, q.spec.qdtype, q.spec.symmetric))
     return len(moving) + len(fixed_ones)

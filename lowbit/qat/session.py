@@ -127,6 +127,7 @@ def train_qat(
     evaluate: Callable[[nn.Module], float] | None = None,
     wrap: Callable[[nn.Module], nn.Module] | None = None,
     progress: bool = False,
+    on_epoch: Callable[[EpochRecord, nn.Module, bool], None] | None = None,
 ) -> QatRun:
     """Prepare ``model`` for QAT with ``recipe``, calibrate on ``schedule.calibration``
     training images, and train ``schedule.epochs`` epochs on ``(train_x, train_y)``.
@@ -134,6 +135,7 @@ def train_qat(
     epoch; the epoch with the best one is kept (the last one without ``evaluate``). ``wrap``
     wraps the prepared model for training (DistributedDataParallel). ``model`` is not changed.
     ``recipe=None`` trains a float copy in the same loop (the baseline to compare with).
+    ``on_epoch(record, model, is_best)`` runs after every epoch (print, checkpoint the best).
 
     >>> x, y = torch.randn(256, 16), torch.randint(0, 2, (256,))
     >>> run = train_qat(torch.nn.Sequential(torch.nn.Linear(16, 2)), "w8a8-qat", x, y,
@@ -149,7 +151,7 @@ def train_qat(
         )
     world = world_size()
     rank = torch.distributed.get_rank() if world > 1 else 0
-    calib = train_x[rank * schedule.calibration : (rank + 1) * schedule.calibration]
+    calib = train_x[rank::world][: schedule.calibration]  # every rank its own images
     calib_batches = [calib[i : i + 128] for i in range(0, len(calib), 128)]
     if recipe is None:
         prepared = copy.deepcopy(model).train()
@@ -182,9 +184,13 @@ def train_qat(
         prepared.train()
         history.append(EpochRecord(epoch, loss, accuracy, seconds))
         score = accuracy if accuracy is not None else float(epoch)
-        if best is None or score > best[0]:
+        improved = best is None or score > best[0]
+        if improved:
             state = {k: v.detach().clone() for k, v in prepared.state_dict().items()}
             best = (score, epoch, state)
+        if on_epoch is not None:
+            on_epoch(history[-1], prepared.eval(), improved)
+            prepared.train()
     assert best is not None
     if best[1] != schedule.epochs:
         prepared.load_state_dict(best[2])

@@ -243,3 +243,14 @@ def test_a_hanging_job_stops_at_the_timeout() -> None:
     with pytest.raises(RankFailedError, match="timeout_s=3"):
         run_local(_sleepy_worker, nproc=2, threads=1, timeout_s=3)
     assert time.monotonic() - start < 25
+
+
+def test_a_non_finite_chunk_arrives_as_nan_and_leaves_the_residual_clean() -> None:
+    x = torch.randn(2048)
+    x[700] = float("nan")
+    x[1500] = float("inf")
+    payload, sent = encode_chunks(x, 8, 512)
+    out = decode_chunks(payload, x.numel(), 8, 512)
+    assert torch.equal(out.isnan(), sent.isnan())
+    assert out[512:1024].isnan().all() and out[1024:1536].isnan().all()  # the two bad chunks
+    assert torch.isfinite(out[:512]).all() and torch.isfinite(out[1536:]).all()

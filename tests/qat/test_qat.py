@@ -307,3 +307,68 @@ def test_fused_lsq_matches_the_autograd_formula(gran) -> None:
         grads.append((out.detach(), x.grad, scale.grad, zero.grad))
     for mine, ref in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(mine, ref)
+
+
+# --- binary weights ----------------------------------------------------------------------------
+def test_binary_weights_are_sign_times_a_least_squares_scale() -> None:
+    from lowbit.primitives import fake_quantize, pack_bits, quantize, unpack_bits
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 64)
+    spec = QuantSpec("binary", "per_channel", observer="mse", observer_args={"min_ratio": 0.05})
+    obs = make_observer(spec)
+    obs(w)
+    scale, zero = obs.qparams()
+    assert torch.equal(zero, torch.zeros(4, dtype=torch.int32))
+    # XNOR-Net: the least-squares scale of sign(w) is mean |w| per row; the search finds it
+    torch.testing.assert_close(scale, w.abs().mean(dim=1), rtol=0.05, atol=0)
+    q = quantize(w, scale, zero, spec.qdtype, spec.gran)
+    assert set(q.unique().tolist()) == {-1, 1}
+    assert torch.equal(q.sign(), w.sign().to(q.dtype))
+    packed = pack_bits(q, spec.qdtype)
+    assert packed.numel() == w.numel() // 8  # one bit per weight
+    assert torch.equal(unpack_bits(packed, spec.qdtype, w.numel()).view(4, 64), q)
+    fq = fake_quantize(w, scale, zero, spec.qdtype, spec.gran)
+    torch.testing.assert_close(fq, w.sign() * scale[:, None])
+
+
+def test_binary_lsq_gradients_follow_binaryconnect() -> None:
+    from lowbit.nn.qat_ops import lsq_fake_quantize
+
+    x = torch.tensor([0.3, -0.2, 2.0, -3.0], requires_grad=True)
+    s = torch.tensor(1.0, requires_grad=True)
+    out = lsq_fake_quantize(x, s, torch.tensor(0.0), QDtype.parse("binary"), PerTensor(), 1.0)
+    assert out.tolist() == [1.0, -1.0, 1.0, -1.0]
+    out.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0, 0.0]  # straight through only where |x/s| <= 1
+    # d(s * sign(x))/ds - x/s inside: (1 - 0.3) + (-1 + 0.2) + 1 + (-1)
+    assert abs(s.grad.item() - (0.7 - 0.8 + 1 - 1)) < 1e-6
+
+
+def test_binary_recipe_trains_converts_and_saves(tmp_path) -> None:
+    from lowbit.data import load_digits
+
+    x, y = load_digits("train")
+    vx, vy = load_digits("test")
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    lowbit.fit(net, [(x[i : i + 64], y[i : i + 64]) for i in range(0, len(x), 64)], opt, epochs=15)
+    model = lowbit.prepare_qat(net, "w1a8-binary", [x[:256]])
+    assert str(model[3].weight_quantizer.spec.qdtype) == "binary"
+    assert str(model[1].weight_quantizer.spec.qdtype) == "int8"  # the first layer stays at 8
+    opt = torch.optim.Adam(model.parameters(), lr=0.003)
+    lowbit.fit(
+        model, [(x[i : i + 64], y[i : i + 64]) for i in range(0, len(x), 64)], opt, epochs=10
+    )
+    frozen = lowbit.convert(model.eval())
+    ints = frozen[3].weight.int_repr()
+    assert set(ints.unique().tolist()) == {-1, 1}
+    path = lowbit.save(frozen, tmp_path / "binary.lowbit")
+    loaded = lowbit.load(path, net)
+    with torch.no_grad():
+        accuracy = float((loaded(vx).argmax(1) == vy).float().mean())
+        fake = float((model(vx).argmax(1) == vy).float().mean())
+    assert accuracy > 0.85 and abs(accuracy - fake) < 0.02
