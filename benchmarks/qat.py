@@ -42,7 +42,7 @@ RESNET_RUNS = [
     ("w2a4-lsq", 5, 0.01),
     ("w8a8-qat", 1, 0.005),
 ]
-BINARY_RUN = ("w1a8-binary", 3, 0.01)
+BINARY_RUN = ("w1a8-binary", 3, 0.005)
 DDP_RECIPE, DDP_EPOCHS = "w4a4-lsq", 2
 
 

@@ -281,7 +281,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (inside,) = ctx.saved_tensors
-        grad = grad_outputs[0] * inside.to(grad_outputs[0].dtype)
+        grad = torch.where(inside, grad_outputs[0], 0.0)
         return grad, None, None, None, None, None, None
 
 

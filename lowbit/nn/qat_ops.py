@@ -120,7 +120,7 @@ class _LsqFakeQuant(torch.autograd.Function):
         (g,) = grads
         inside, ds, s = ctx.saved_tensors
         s_shape, z_shape, z_learns = ctx.shapes
-        grad_v = g * inside if ctx.needs_input_grad[0] else None
+        grad_v = torch.where(inside, g, 0.0) if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
             if s.numel() == 1:  # one scale: a dot product, one pass
@@ -130,7 +130,7 @@ class _LsqFakeQuant(torch.autograd.Function):
                 grad_s = _sum_to(g * ds, s_shape) * ctx.grad_factor
         grad_z = None
         if z_learns and ctx.needs_input_grad[2]:  # LSQ+: -s where clipped, 0 inside
-            clipped = _sum_to(g * ~inside, z_shape)
+            clipped = _sum_to(torch.where(inside, 0.0, g), z_shape)
             grad_z = -clipped * s.detach() * ctx.grad_factor
         return grad_v, grad_s, grad_z, None, None
 

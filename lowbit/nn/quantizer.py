@@ -179,7 +179,8 @@ class Quantizer(nn.Module):
         if self.scale is None or self.zero_point is None:
             raise RuntimeError("this quantizer has no qparams yet: calibrate the model first")
         low, high = self.spec.qdtype.qmin, self.spec.qdtype.qmax
-        scale = self.scale.detach().float().clamp_min(torch.finfo(torch.float32).tiny)
+        # a learned scale is used by magnitude (see forward)
+        scale = self.scale.detach().float().abs().clamp_min(torch.finfo(torch.float32).tiny)
         zero = self.zero_point.detach().float().round().clamp(low, high).to(torch.int32)
         return scale.clone(), zero
 
@@ -346,7 +347,9 @@ class Quantizer(nn.Module):
             tiny = torch.finfo(torch.float32).tiny
             out = lsq_fake_quantize(
                 xf,
-                self.scale.clamp_min(tiny),
+                # by magnitude: a step that pushes a scale through zero flips its sign (the
+                # same grid) instead of clamping it to a dead channel with no gradient
+                self.scale.abs().clamp_min(tiny),
                 self.zero_point.float(),
                 self.spec.qdtype,
                 self.spec.gran,
