@@ -96,8 +96,9 @@ def fit(
             loss = loss_fn(run_batch(model, inputs), target)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"the loss became {float(loss.detach())} in epoch {epoch + 1}: lower the learning "
-                    "rate (QAT starts from a trained model: 10-100x below its training rate)"
+                    f"the loss became {float(loss.detach())} in epoch {epoch + 1}: lower the "
+                    "learning rate (QAT starts from a trained model: 10-100x below its "
+                    "training rate)"
                 )
             loss.backward()
             optimizer.step()
