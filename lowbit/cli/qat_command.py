@@ -188,20 +188,9 @@ def run_qat(options: QatOptions, console: Console) -> dict[str, Any]:
 
 
 def _cmd_qat(args: argparse.Namespace, console: Console) -> None:
-    options = QatOptions(
-        model=args.model,
-        data=args.data,
-        recipe=args.recipe,
-        out=args.out,
-        weights=args.weights,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        calibration=args.calibration,
-        nproc=args.nproc,
-        grad_bits=args.grad_bits,
-        app_dir=args.app_dir,
-    )
+    given = vars(args)  # every QatOptions field but progress is a flag of the same name
+    fields = [f.name for f in dataclasses.fields(QatOptions) if f.name in given]
+    options = QatOptions(**{name: given[name] for name in fields})
     run_qat(options, console)
 
 
